@@ -111,6 +111,14 @@ def mix(h: Array, coef: Array, names: Sequence[str]) -> Array:
   return out.reshape(h.shape).astype(h.dtype)
 
 
+def activate(h: Array, name: str, u: Array | None = None) -> Array:
+  """A fixed activation σ(h) (⊙ u for a GLU), with the same fp32 rounding path as `mix_product`."""
+  y = ACTIVATIONS[name].fn(h.astype(jnp.float32)).astype(h.dtype)
+  if u is None:
+    return y
+  return (y.astype(jnp.float32) * u.astype(jnp.float32)).astype(h.dtype)
+
+
 def mix_product_reference(h: Array, coef: Array, names: Sequence[str], u: Array | None = None,
                           coef_u: Array | None = None, names_u: Sequence[str] | None = None) -> Array:
   """m(h) (Type-I), m(h) ⊙ u (one-sided GLU) or m(h) ⊙ m_u(u) (bi-sided), all in plain jnp."""

@@ -1,0 +1,147 @@
+"""Model sizes and FFN variants as two small tables, and the full training config built from them.
+
+`lm_config(size="1.3b", ffn="bimoa")` returns the ml_collections.ConfigDict every entry point reads
+(`configs/*.py` are thin wrappers). Fixed, LA and MoA variants of one size share every matmul shape:
+they differ only by the mixing coefficients / gate parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from moa_jax.activations import PAPER_DICTIONARY
+
+# name: (d_model, n_layers, n_heads, n_kv_heads, vocab, tie_embeddings, GLU width multiple, peak lr)
+SIZES = {
+    "debug": (64, 2, 4, 2, 512, True, 32, 3e-3),
+    "quickstart": (320, 6, 5, 5, 8192, True, 64, 2e-3),
+    "0.12b": (768, 12, 12, 12, 32000, True, 256, 1e-3),
+    "0.35b": (1024, 24, 16, 16, 32000, True, 256, 6e-4),
+    "0.77b": (1536, 24, 12, 12, 32000, False, 256, 4e-4),
+    "1.3b": (2048, 24, 16, 16, 32000, False, 256, 3e-4),
+    "2b": (2560, 24, 20, 20, 32000, False, 256, 2.5e-4),
+}
+
+_K7 = PAPER_DICTIONARY
+# name: FFN fields. Type-I ("mlp") variants use F = 4·d, Type-II ("glu") F ≈ 8/3·d: equal matmul params.
+FFN_PRESETS = {
+    "gelu_mlp": dict(type="mlp", mix="fixed", activations=("gelu_tanh",), primary="gelu_tanh"),
+    "relu_mlp": dict(type="mlp", mix="fixed", activations=("relu",), primary="relu"),
+    "relu2_mlp": dict(type="mlp", mix="fixed", activations=("relu2",), primary="relu2"),
+    "silu_mlp": dict(type="mlp", mix="fixed", activations=("silu",), primary="silu"),
+    "la_mlp": dict(type="mlp", mix="la", activations=_K7, primary="gelu_tanh"),
+    "moa_mlp": dict(type="mlp", mix="moa", activations=_K7, primary="gelu_tanh"),
+    "swiglu": dict(type="glu", mix="fixed", activations=("silu",), primary="silu"),
+    "geglu": dict(type="glu", mix="fixed", activations=("gelu_tanh",), primary="gelu_tanh"),
+    "reglu": dict(type="glu", mix="fixed", activations=("relu",), primary="relu"),
+    "la": dict(type="glu", mix="la", activations=_K7, primary="silu"),
+    "moa": dict(type="glu", mix="moa", activations=_K7, primary="silu"),
+    "bila": dict(type="glu", mix="la", activations=_K7, primary="silu", sides="bi"),
+    "bimoa": dict(type="glu", mix="moa", activations=_K7, primary="silu", sides="bi"),
+}
+
+
+def ffn_width(ffn_type: str, d_model: int, multiple: int) -> int:
+  if ffn_type == "mlp":
+    return 4 * d_model
+  return multiple * math.ceil(8 * d_model / 3 / multiple)
+
+
+def _pick(table: dict, field: str, value: str):
+  if value not in table:
+    raise ValueError(f"{field} = {value!r}; known: {', '.join(table)}")
+  return table[value]
+
+
+def ffn_config(ffn: str, d_model: int, multiple: int) -> ml_collections.ConfigDict:
+  preset = dict(_pick(FFN_PRESETS, "ffn", ffn))
+  return ml_collections.ConfigDict(dict(
+      type=preset["type"],                       # mlp: Type-I W3·σ(W1x); glu: Type-II W3·(σ(W1x)⊙W2x)
+      mix=preset["mix"],                         # fixed | la (per-layer coefficients) | moa (per-token gates)
+      activations=tuple(preset["activations"]),  # the dictionary σ_1..σ_K (names from moa_jax.activations)
+      primary=preset["primary"],                 # activation that dominates at init (LA: exactly)
+      sides=preset.get("sides", "one"),          # glu: one (mix σ(W1x) only) | bi (mix both branches)
+      primary_u="identity",                      # bi-sided: dominant activation of the W2 branch at init
+      gate="sigmoid",                            # moa gate φ: sigmoid | softmax | tanh
+      gate_bias=True,                            # moa: π = φ(Ux + b); with U = 0 this is LA
+      gate_bias_init=4.0,                        # moa: logit margin of `primary` at init
+      groups=1,                                  # channel groups G, each with its own gates
+      d_ff=ffn_width(preset["type"], d_model, multiple),  # hidden width F
+      impl="xla",                                # mixing implementation: xla | pallas (fused kernel)
+  ))
+
+
+def lm_config(size: str = "debug", ffn: str = "swiglu") -> ml_collections.ConfigDict:
+  d, layers, heads, kv_heads, vocab, tie, multiple, lr = _pick(SIZES, "size", size)
+  tiny = size in ("debug", "quickstart")
+  from moa_jax.data import default_data_config  # the data group is owned by moa_jax.data
+
+  c = ml_collections.ConfigDict()
+  c.name = f"{size}_{ffn}"                       # run name (used in logs and study reports)
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=vocab,                          # must be ≥ the tokenizer's vocabulary
+      d_model=d,                                 # residual width
+      n_layers=layers,                           # decoder blocks (scanned)
+      n_heads=heads,                             # query heads
+      n_kv_heads=kv_heads,                       # key/value heads (GQA when < n_heads)
+      head_dim=0,                                # 0: d_model // n_heads
+      rope_theta=10_000.0,                       # RoPE base
+      norm_eps=1e-6,                             # RMSNorm epsilon
+      tie_embeddings=tie,                        # share input embedding and output projection
+      dtype="bfloat16",                          # compute dtype
+      param_dtype="float32",                     # parameter (and optimizer state) dtype
+      remat="save_dots_no_batch",                # remat policy: none | full | save_dots | save_dots_no_batch
+      attention_impl="auto",                     # auto | xla | cudnn (jax.nn.dot_product_attention)
+  ))
+  c.model.ffn = ffn_config(ffn, d, multiple)
+  c.data = default_data_config()
+  if tiny:
+    c.data.max_bytes = 2_000_000 if size == "debug" else 12_000_000
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw",                              # adamw | muon (muon for matrices, adamw for the rest)
+      lr=lr,                                     # peak learning rate
+      schedule="cosine",                         # cosine | wsd | constant (all after linear warmup)
+      warmup_steps=10 if tiny else 1000,         # linear warmup from 0
+      min_lr_ratio=0.1,                          # final lr / peak lr (cosine, wsd)
+      decay_fraction=0.2,                        # wsd: fraction of steps spent decaying
+      b1=0.9,                                    # Adam β1
+      b2=0.95,                                   # Adam β2
+      eps=1e-8,                                  # Adam ε
+      weight_decay=0.1,                          # decoupled weight decay on matrices
+      decay_mix_params=False,                    # also decay LA coefficients / MoA gates
+      clip_norm=1.0,                             # global gradient-norm clip (0: off)
+  ))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=200 if size == "debug" else (600 if size == "quickstart" else 20_000),  # optimizer steps
+      batch_size=8 if size == "debug" else (16 if size == "quickstart" else 256),   # global sequences per step
+      seq_len=64 if size == "debug" else (256 if size == "quickstart" else 2048),   # tokens per sequence
+      log_every=10 if tiny else 50,              # steps between metric records
+      eval_every=100 if tiny else 1000,          # steps between evaluations (0: only at the end)
+      eval_batches=4 if tiny else 20,            # validation batches per evaluation
+      sample_every=200 if tiny else 0,           # steps between printed samples (0: never)
+      seed=0,                                    # parameter init and data order
+  ))
+  c.mesh = ml_collections.ConfigDict(dict(
+      data=-1,                                   # pure data parallelism (-1: fill the remaining devices)
+      fsdp=1,                                    # parameters/optimizer sharded over this axis (ZeRO-3)
+      tensor=1,                                  # tensor parallelism over heads and FFN width
+      expert=1,                                  # expert parallelism (MoE)
+  ))
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every=100 if tiny else 1000,               # steps between saves (and one at the end)
+      keep=3,                                    # newest checkpoints kept
+  ))
+  return c
+
+
+def from_string(arg: str | None) -> ml_collections.ConfigDict:
+  """Parses "size=1.3b,ffn=moa" (the `--config=configs/lm.py:size=1.3b,ffn=moa` form)."""
+  kwargs = {}
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in ("size", "ffn"):
+      raise ValueError(f"config argument {item!r}; expected size=<{'|'.join(SIZES)}>,ffn=<{'|'.join(FFN_PRESETS)}>")
+    kwargs[key] = value
+  return lm_config(**kwargs)

@@ -1,0 +1,142 @@
+"""LLaMA-style decoder: pre-norm RMSNorm blocks of attention + FFN, stacked with `nn.scan` and remat."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moa_jax.attention import Attention
+from moa_jax.ffn import FFN, FFNSpec, param
+
+Array = jax.Array
+
+# Named remat policies for the scanned block: what the backward pass may keep instead of recomputing.
+REMAT_POLICIES = {
+    "none": None,                                                       # no remat: keep everything
+    "full": jax.checkpoint_policies.nothing_saveable,                   # recompute the whole block
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,               # keep every matmul output
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projections
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """The `model` config group, validated. Sizes, dtypes and the FFN's spec."""
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  ffn: FFNSpec
+  head_dim: int = 0          # 0: d_model // n_heads
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  dtype: str = "bfloat16"
+  param_dtype: str = "float32"
+  remat: str = "save_dots_no_batch"
+  attention_impl: str = "auto"
+
+  def __post_init__(self):
+    for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads"):
+      if getattr(self, field) <= 0:
+        raise ValueError(f"model.{field} = {getattr(self, field)}; must be positive")
+    if self.head_dim == 0 and self.d_model % self.n_heads:
+      raise ValueError(f"model.n_heads = {self.n_heads} does not divide model.d_model = {self.d_model}; "
+                       "pick n_heads dividing d_model or set model.head_dim")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"model.n_kv_heads = {self.n_kv_heads} must divide model.n_heads = {self.n_heads}")
+    if self.resolved_head_dim % 2:
+      raise ValueError(f"head dim {self.resolved_head_dim} must be even for RoPE; change model.n_heads")
+    for field in ("dtype", "param_dtype"):
+      if getattr(self, field) not in DTYPES:
+        raise ValueError(f"model.{field} = {getattr(self, field)!r}; allowed: {', '.join(DTYPES)}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat = {self.remat!r}; allowed: {', '.join(REMAT_POLICIES)}")
+    if self.attention_impl not in ("auto", "xla", "cudnn"):
+      raise ValueError(f"model.attention_impl = {self.attention_impl!r}; allowed: auto, xla, cudnn")
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-6
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:  # (B, T, D), returned in x's dtype
+    scale = param(self, "scale", (x.shape[-1],), ("norm",), nn.initializers.ones, self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale).astype(x.dtype)
+
+
+class Block(nn.Module):
+  spec: ModelSpec
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array):  # x: (B, T, D) in compute dtype
+    s = self.spec
+    dtype, pdtype = DTYPES[s.dtype], DTYPES[s.param_dtype]
+    out_scale = (2 * s.n_layers) ** -0.5
+    attn = Attention(s.n_heads, s.n_kv_heads, s.resolved_head_dim, s.rope_theta,
+                     None if s.attention_impl == "auto" else s.attention_impl, dtype, pdtype, out_scale,
+                     name="attention")
+    x = x + attn(RMSNorm(s.norm_eps, pdtype, name="attention_norm")(x), positions)
+    ffn = FFN(s.ffn, dtype, pdtype, out_scale, name="ffn")
+    x = x + ffn(RMSNorm(s.norm_eps, pdtype, name="ffn_norm")(x))
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x, None
+
+
+class Decoder(nn.Module):
+  """tokens (B, T) int32 -> logits (B, T, V) float32."""
+  spec: ModelSpec
+
+  @nn.compact
+  def __call__(self, tokens: Array) -> Array:
+    s = self.spec
+    dtype, pdtype = DTYPES[s.dtype], DTYPES[s.param_dtype]
+    embedding = param(self, "embedding", (s.vocab_size, s.d_model), ("vocab", "embed"),
+                      nn.initializers.normal(0.02), pdtype)
+    x = jnp.take(embedding, tokens, axis=0).astype(dtype)                   # (B, T, D)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    block = Block
+    if REMAT_POLICIES[s.remat] is not None:
+      block = nn.remat(Block, policy=REMAT_POLICIES[s.remat], prevent_cse=False)
+    layers = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
+                     in_axes=(nn.broadcast,), length=s.n_layers,
+                     metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = layers(s, name="layers")(x, positions)
+    x = RMSNorm(s.norm_eps, pdtype, name="final_norm")(x)
+    if s.tie_embeddings:
+      return jnp.einsum("BTD,VD->BTV", x, embedding.astype(dtype), preferred_element_type=jnp.float32)
+    unembed = param(self, "unembed", (s.d_model, s.vocab_size), ("embed", "vocab"),
+                    nn.initializers.normal(s.d_model**-0.5), pdtype)
+    return jnp.einsum("BTD,DV->BTV", x, unembed.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def model_spec(model_config) -> ModelSpec:
+  """Validates the `model` config group (an ml_collections ConfigDict) into a ModelSpec."""
+  c = model_config
+  ffn = FFNSpec(**{f.name: _tuple(c.ffn[f.name]) for f in dataclasses.fields(FFNSpec) if f.name in c.ffn})
+  unknown = set(c.ffn) - {f.name for f in dataclasses.fields(FFNSpec)}
+  if unknown:
+    raise ValueError(f"model.ffn has unknown fields {sorted(unknown)}; known: "
+                     f"{', '.join(f.name for f in dataclasses.fields(FFNSpec))}")
+  fields = {f.name for f in dataclasses.fields(ModelSpec)} - {"ffn"}
+  return ModelSpec(ffn=ffn, **{k: _tuple(c[k]) for k in fields if k in c})
+
+
+def _tuple(v):
+  return tuple(v) if isinstance(v, list) else v
+
+
+def build_model(model_config) -> Decoder:
+  return Decoder(model_spec(model_config))
