@@ -1,0 +1,274 @@
+"""Training: TrainState, the jitted sharded train step, evaluation, and the resumable loop.
+
+    python -m moa_jax.train --config=configs/quickstart.py --workdir=runs/quickstart [--config.k=v ...]
+
+Everything the run needs is checked before anything compiles: the config, the mesh against the
+devices, the batch against the mesh, the corpus and tokenizer against the vocabulary, and a resumed
+checkpoint's model config against this one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax.core import meta
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+
+from moa_jax import checkpoint, optim, sharding, summary
+from moa_jax.data import make_datasets
+from moa_jax.metrics import MetricsWriter, mix_record, peak_flops
+from moa_jax.sample import generate
+from moa_jax.transformer import Decoder, model_spec
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot start or cannot go on; the message says why and what to do."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean next-token loss. logits (B, T, V) float32, targets (B, T) int32."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def sown_losses(intermediates) -> dict[str, jax.Array]:
+  """Auxiliary losses layers sow as `aux_losses/<name>` (MoE router losses), summed over layers."""
+  out = {}
+  for path, value in jax.tree_util.tree_leaves_with_path(intermediates):
+    keys = [str(getattr(k, "key", "")) for k in path]
+    if "aux_losses" in keys:
+      name = keys[keys.index("aux_losses") + 1]
+      out[name] = out.get(name, 0.0) + jnp.sum(value)
+  return out
+
+
+def make_train_step(model: Decoder, tx: optax.GradientTransformation, lr_schedule, aux_weights: dict):
+  def loss_fn(params, batch):
+    logits, inter = model.apply({"params": params}, batch["inputs"], mutable=["intermediates"])
+    losses = {"lm_loss": cross_entropy(logits, batch["targets"]), **sown_losses(inter)}
+    total = losses["lm_loss"] + sum(aux_weights.get(k, 0.0) * v for k, v in losses.items() if k != "lm_loss")
+    return total, (losses, inter)
+
+  def train_step(state: TrainState, batch):
+    (loss, (losses, inter)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, **losses, "lr": lr_schedule(state.step), "grad_norm": optax.global_norm(grads),
+               "param_norm": optax.global_norm(params), "update_norm": optax.global_norm(updates),
+               "intermediates": inter}
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(model: Decoder):
+  def eval_step(params, batch):
+    return cross_entropy(model.apply({"params": params}, batch["inputs"]), batch["targets"])
+  return eval_step
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything built (and checked) before the first compile."""
+  config: Any
+  model: Decoder
+  mesh: Any
+  tx: optax.GradientTransformation
+  lr_schedule: Any
+  state_shardings: Any
+  abstract_state: Any
+  batch_sharding: NamedSharding
+  data: Any
+  summary: dict
+
+
+def build(config) -> Run:
+  spec = model_spec(config.model)
+  if config.train.steps <= 0:
+    raise TrainingError(f"train.steps = {config.train.steps}; must be positive")
+  mesh = sharding.make_mesh(config.mesh)
+  divisor = sharding.batch_divisor(mesh)
+  if config.train.batch_size % divisor:
+    raise TrainingError(f"train.batch_size = {config.train.batch_size} does not divide over the mesh's data axes "
+                        f"(data × fsdp × expert = {divisor}); use a multiple of {divisor}")
+  if config.train.batch_size % jax.process_count():
+    raise TrainingError(f"train.batch_size = {config.train.batch_size} does not divide over "
+                        f"{jax.process_count()} processes")
+  model = Decoder(spec)
+  tokens = jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len), jnp.int32)
+  boxed = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]
+  logical = nn.get_partition_spec(boxed)
+  abstract_params = meta.unbox(boxed)
+  sharding.check_divisible(abstract_params, logical, mesh)
+  param_shardings = sharding.logical_shardings(logical, mesh)
+  lr_schedule = optim.schedule(config.optim, config.train.steps)
+  tx = optim.make_optimizer(config.optim, config.train.steps, abstract_params, logical)
+  replicated = NamedSharding(mesh, P())
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  state_shardings = TrainState(replicated, param_shardings,
+                               sharding.match_shardings(abstract_opt, abstract_params, param_shardings, replicated))
+  abstract_state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params, abstract_opt)
+  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                abstract_state, state_shardings)
+  data = make_datasets(config.data, vocab_size=spec.vocab_size, seq_len=config.train.seq_len,
+                       global_batch_size=config.train.batch_size, seed=config.train.seed,
+                       process_index=jax.process_index(), process_count=jax.process_count())
+  return Run(config, model, mesh, tx, lr_schedule, state_shardings, abstract_state,
+             sharding.batch_sharding(mesh), data, summary.summarize(spec, config.train.seq_len))
+
+
+def init_state(run: Run) -> TrainState:
+  def init(key):
+    tokens = jnp.zeros((1, run.config.train.seq_len), jnp.int32)
+    params = meta.unbox(run.model.init(key, tokens)["params"])
+    return TrainState(jnp.zeros((), jnp.int32), params, run.tx.init(params))
+  with sharding.mesh_context(run.mesh):
+    return jax.jit(init, out_shardings=run.state_shardings)(jax.random.key(run.config.train.seed))
+
+
+def global_batch(run: Run, local: dict) -> dict:
+  """Per-process numpy batch -> global jax arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(run.batch_sharding, np.asarray(v, np.int32))
+          for k, v in local.items()}
+
+
+def restore_or_init(run: Run, ckpt: checkpoint.Checkpoints, data_iter) -> TrainState:
+  step = ckpt.latest_step()
+  if step is None:
+    return init_state(run)
+  saved = ckpt.read_meta(step)
+  diff = checkpoint.config_diff(saved["model"], run.config.model.to_dict())
+  if diff:
+    raise TrainingError(f"{ckpt.directory} holds a checkpoint (step {step}) of a different model:\n  "
+                        + "\n  ".join(diff) + "\nuse a new --workdir, or the checkpoint's model config")
+  state, data_state = ckpt.restore(step, run.abstract_state)
+  data_iter.set_state(data_state)
+  return state
+
+
+def evaluate(run: Run, eval_fn, params) -> float:
+  losses = [eval_fn(params, global_batch(run, b)) for b in run.data.eval_batches(run.config.train.eval_batches)]
+  return float(np.mean(jax.device_get(losses)))
+
+
+def _sample_text(run: Run, params, prompt: str = "def ") -> str:
+  tok = run.data.tokenizer
+  ids = generate(run.model.apply, params, tok.encode(prompt), 48, temperature=0.8, top_k=40,
+                 seed=run.config.train.seed)
+  return prompt + tok.decode(ids)
+
+
+def train(config, workdir: str) -> dict:
+  """Runs (or resumes) training in `workdir`; returns the last logged record."""
+  try:
+    run = build(config)
+  except ValueError as e:  # config validation: already a message naming the field and the fix
+    raise TrainingError(str(e)) from e
+  main_process = jax.process_index() == 0
+  if main_process:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  ckpt = checkpoint.Checkpoints(workdir, config.checkpoint.every, config.checkpoint.keep)
+  data_iter = run.data.train_iter()
+  state = restore_or_init(run, ckpt, data_iter)
+  start = int(jax.device_get(state.step))
+  c = config.train
+  names = run.model.spec.ffn.activations
+  aux_weights = {k: float(v) for k, v in config.get("loss_weights", {}).items()}
+  with sharding.mesh_context(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    step_fn = jax.jit(make_train_step(run.model, run.tx, run.lr_schedule, aux_weights),
+                      in_shardings=(run.state_shardings, run.batch_sharding),
+                      out_shardings=(run.state_shardings, None), donate_argnums=0)
+    eval_fn = jax.jit(make_eval_step(run.model), in_shardings=(run.state_shardings.params, run.batch_sharding))
+    writer = MetricsWriter(workdir, c.steps, start, main_process)
+    peak = peak_flops(jax.devices()[0])
+    tokens_per_step = c.batch_size * c.seq_len
+    writer.print(f"{config.get('name', 'run')}: {run.summary['total_params'] / 1e6:.2f}M parameters, "
+                 f"{jax.device_count()} devices, mesh {dict(run.mesh.shape)}, steps {start} -> {c.steps}"
+                 + (f" (resumed from {ckpt.directory}/{start})" if start else ""))
+    last_good, record, window = ckpt.latest_step(), {}, []
+    t0, t_step = time.perf_counter(), start
+    for step in range(start + 1, c.steps + 1):
+      state, metrics = step_fn(state, global_batch(run, next(data_iter)))
+      window.append(metrics)
+      if step == start + 1:  # exclude compilation from the throughput
+        jax.block_until_ready(metrics["loss"])
+        t0, t_step = time.perf_counter(), step
+      log_now = step % c.log_every == 0 or step == c.steps
+      save_now = ckpt.due(step) or step == c.steps
+      if not (log_now or save_now):
+        continue
+      fetched = jax.device_get(window)
+      bad = [i for i, m in enumerate(fetched) if not np.isfinite(m["loss"])]
+      if bad:
+        ckpt.wait()
+        writer.close()
+        raise TrainingError(f"loss is {fetched[bad[0]]['loss']} at step {step - len(fetched) + bad[0] + 1}; "
+                            f"stopped without saving. Last good checkpoint: "
+                            f"{'step ' + str(last_good) if last_good is not None else 'none'} in {ckpt.directory}. "
+                            "Lower optim.lr or raise optim.warmup_steps and rerun (it resumes from there).")
+      if save_now:
+        ckpt.save(step, state, data_iter.get_state(), {"model": config.model.to_dict(), "step": step,
+                                                       "config": json.loads(config.to_json_best_effort())})
+        last_good = step
+      if log_now:
+        elapsed = time.perf_counter() - t0
+        tok_s = tokens_per_step * (step - t_step) / elapsed
+        last = fetched[-1]
+        record = {"step": step, "tokens": step * tokens_per_step,
+                  **{k: float(np.mean([m[k] for m in fetched])) for k in last if k != "intermediates"},
+                  "tokens_per_sec": tok_s,
+                  "mfu": (run.summary["flops_per_token"] * tok_s / (peak * jax.device_count())) if peak else None}
+        gates = mix_record(last["intermediates"], names)
+        if gates:
+          record["gates"] = gates
+        if c.eval_every and (step % c.eval_every == 0) or step == c.steps:
+          record["eval_loss"] = evaluate(run, eval_fn, state.params)
+        writer.write(record)
+        eta = (c.steps - step) * elapsed / max(step - t_step, 1)
+        writer.progress(step, loss=f"{record['loss']:.4f}", eval=record.get("eval_loss") and
+                        f"{record['eval_loss']:.4f}", tok_s=f"{tok_s:,.0f}", eta=f"{eta:,.0f}s")
+        t0, t_step = time.perf_counter(), step
+      window = []
+      if main_process and c.sample_every and step % c.sample_every == 0:
+        writer.print(f"step {step} sample: {_sample_text(run, state.params)!r}")
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  return record
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines out of the progress bar
+  try:
+    train(flags.FLAGS.config, flags.FLAGS.workdir)
+  except TrainingError as e:
+    raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tb/.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
