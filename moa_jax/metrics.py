@@ -40,6 +40,25 @@ def _finite(x):
   return x if x is None or math.isfinite(x) else None
 
 
+def _truncate_after(path: str, step: int) -> None:
+  """A resumed run recomputes the steps after its checkpoint: drop their old records (atomically)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        keep.append(line)
+    except (ValueError, KeyError):  # a line cut short by a crash mid-write
+      continue
+  if len(keep) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
 class MetricsWriter:
   def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool):
     self.enabled = enabled
@@ -47,7 +66,9 @@ class MetricsWriter:
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    _truncate_after(path, start_step)
+    self._jsonl = open(path, "a")
     try:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))

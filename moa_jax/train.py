@@ -72,8 +72,8 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation, lr_schedul
     (loss, (losses, inter)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, **losses, "lr": lr_schedule(state.step), "grad_norm": optax.global_norm(grads),
-               "param_norm": optax.global_norm(params), "update_norm": optax.global_norm(updates),
+    metrics = {"loss": loss, **losses, "lr": lr_schedule(state.step), "grad_norm": optax.tree.norm(grads),
+               "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates),
                "intermediates": inter}
     return TrainState(state.step + 1, params, opt_state), metrics
 
