@@ -100,20 +100,18 @@ def format_summary(name: str, s: dict) -> str:
   return "\n".join([name] + [f"  {k:<{width}}  {v}" for k, v in rows])
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
-
-
 def main(argv):
   del argv
-  config = _CONFIG.value
+  config = flags.FLAGS.config
   s = summarize(model_spec(config.model), config.train.seq_len)
-  if _JSON.value:
+  if flags.FLAGS.json:
     print(json.dumps({"name": config.name, **s}))
   else:
     print(format_summary(config.name, s))
 
 
 if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+  flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
   flags.mark_flag_as_required("config")
   app.run(main)
