@@ -51,13 +51,13 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def sown_losses(intermediates) -> dict[str, jax.Array]:
-  """Auxiliary losses layers sow as `aux_losses/<name>` (MoE router losses), summed over layers."""
+  """Auxiliary losses that layers sow as `self.sow("intermediates", "aux_losses", {name: value})`
+  (MoE router losses), summed over layers and sow calls."""
   out = {}
   for path, value in jax.tree_util.tree_leaves_with_path(intermediates):
-    keys = [str(getattr(k, "key", "")) for k in path]
-    if "aux_losses" in keys:
-      name = keys[keys.index("aux_losses") + 1]
-      out[name] = out.get(name, 0.0) + jnp.sum(value)
+    keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+    if "aux_losses" in keys[:-1]:
+      out[keys[-1]] = out.get(keys[-1], 0.0) + jnp.sum(value)
   return out
 
 

@@ -53,13 +53,14 @@ def test_decoder_shapes_dtypes_and_causality(ffn, tie):
   c.tie_embeddings = tie
   model = Decoder(model_spec(c))
   tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, c.vocab_size)
-  params = meta.unbox(model.init(jax.random.key(1), tokens))
+  params = meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens))
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
   assert ("unembed" in params["params"]) != tie
-  logits = model.apply(params, tokens)
+  apply = jax.jit(model.apply)
+  logits = apply(params, tokens)
   assert logits.shape == (2, 16, c.vocab_size) and logits.dtype == jnp.float32
   changed = tokens.at[:, 10].set((tokens[:, 10] + 1) % c.vocab_size)
-  logits2 = model.apply(params, changed)
+  logits2 = apply(params, changed)
   np.testing.assert_array_equal(logits[:, :10], logits2[:, :10])  # the future does not leak back
   assert not np.allclose(logits[:, 10:], logits2[:, 10:])
 
@@ -71,8 +72,8 @@ def test_remat_policies_agree():
   for policy in ("none", "full", "save_dots_no_batch"):
     c.remat = policy
     model = Decoder(model_spec(c))
-    params = meta.unbox(model.init(jax.random.key(1), tokens))
-    grads[policy] = jax.grad(lambda p: model.apply(p, tokens).mean())(params)
+    params = meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens))
+    grads[policy] = jax.jit(jax.grad(lambda p: model.apply(p, tokens).mean()))(params)
   for policy in ("full", "save_dots_no_batch"):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads["none"], grads[policy])
 
