@@ -29,6 +29,24 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    """Complete checkpoints, newest first (Orbax never lists one still being written)."""
+    return sorted(self._manager.all_steps(), reverse=True)
+
+  def set_aside(self, step: int) -> str:
+    """Moves an unreadable checkpoint out of the way (kept for inspection, not deleted); returns where.
+    Process 0 moves it; every process then rescans."""
+    import jax
+    from jax.experimental import multihost_utils
+    target = os.path.join(os.path.dirname(self.directory), "checkpoints_unreadable", str(step))
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.replace(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"set_aside_{step}")
+    self._manager.reload()
+    return target
+
   def due(self, step: int) -> bool:
     return self.every > 0 and step % self.every == 0
 

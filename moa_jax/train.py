@@ -27,7 +27,7 @@ from flax.core import meta
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from moa_jax import checkpoint, optim, sharding, summary
+from moa_jax import checkpoint, optim, runtime, sharding, summary
 from moa_jax.data import make_datasets
 from moa_jax.metrics import MetricsWriter, mix_record, peak_flops
 from moa_jax.sample import generate
@@ -101,7 +101,7 @@ class Run:
   summary: dict
 
 
-def build(config) -> Run:
+def build(config, with_data: bool = True) -> Run:
   spec = model_spec(config.model)
   if config.train.steps <= 0:
     raise TrainingError(f"train.steps = {config.train.steps}; must be positive")
@@ -131,7 +131,7 @@ def build(config) -> Run:
                                 abstract_state, state_shardings)
   data = make_datasets(config.data, vocab_size=spec.vocab_size, seq_len=config.train.seq_len,
                        global_batch_size=config.train.batch_size, seed=config.train.seed,
-                       process_index=jax.process_index(), process_count=jax.process_count())
+                       process_index=jax.process_index(), process_count=jax.process_count()) if with_data else None
   return Run(config, model, mesh, tx, lr_schedule, state_shardings, abstract_state,
              sharding.batch_sharding(mesh), data, summary.summarize(spec, config.train.seq_len))
 
@@ -152,17 +152,31 @@ def global_batch(run: Run, local: dict) -> dict:
 
 
 def restore_or_init(run: Run, ckpt: checkpoint.Checkpoints, data_iter) -> TrainState:
-  step = ckpt.latest_step()
-  if step is None:
-    return init_state(run)
-  saved = ckpt.read_meta(step)
-  diff = checkpoint.config_diff(saved["model"], run.config.model.to_dict())
-  if diff:
-    raise TrainingError(f"{ckpt.directory} holds a checkpoint (step {step}) of a different model:\n  "
-                        + "\n  ".join(diff) + "\nuse a new --workdir, or the checkpoint's model config")
-  state, data_state = ckpt.restore(step, run.abstract_state)
-  data_iter.set_state(data_state)
-  return state
+  """Restores the newest readable checkpoint (unreadable ones are set aside with a warning), or inits."""
+  for step in ckpt.all_steps():
+    try:
+      saved = ckpt.read_meta(step)
+    except Exception as e:  # a truncated or corrupted checkpoint: fall back to an older one
+      _set_aside(ckpt, step, e)
+      continue
+    diff = checkpoint.config_diff(saved["model"], run.config.model.to_dict())
+    if diff:
+      raise TrainingError(f"{ckpt.directory} holds a checkpoint (step {step}) of a different model:\n  "
+                          + "\n  ".join(diff) + "\nuse a new --workdir, or the checkpoint's model config")
+    try:
+      state, data_state = ckpt.restore(step, run.abstract_state)
+    except Exception as e:
+      _set_aside(ckpt, step, e)
+      continue
+    data_iter.set_state(data_state)
+    return state
+  return init_state(run)
+
+
+def _set_aside(ckpt: checkpoint.Checkpoints, step: int, error: Exception) -> None:
+  where = ckpt.set_aside(step)
+  logging.warning("checkpoint step %d in %s is unreadable (%s: %s); moved it to %s and trying an older one",
+                  step, ckpt.directory, type(error).__name__, str(error)[:200], where)
 
 
 def evaluate(run: Run, eval_fn, params) -> float:
@@ -177,8 +191,14 @@ def _sample_text(run: Run, params, prompt: str = "def ") -> str:
   return prompt + tok.decode(ids)
 
 
+def _save(ckpt, step, state, data_iter, config) -> None:
+  ckpt.save(step, state, data_iter.get_state(), {"model": config.model.to_dict(), "step": step,
+                                                 "config": json.loads(config.to_json_best_effort())})
+
+
 def train(config, workdir: str) -> dict:
-  """Runs (or resumes) training in `workdir`; returns the last logged record."""
+  """Runs (or resumes) training in `workdir`; returns the last logged record. SIGTERM saves a
+  checkpoint at the next step boundary and returns early (the record then has `preempted: True`)."""
   try:
     run = build(config)
   except ValueError as e:  # config validation: already a message naming the field and the fix
@@ -195,6 +215,7 @@ def train(config, workdir: str) -> dict:
   c = config.train
   names = run.model.spec.ffn.activations
   aux_weights = {k: float(v) for k, v in config.get("loss_weights", {}).items()}
+  guard = runtime.PreemptionGuard()
   with sharding.mesh_context(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     step_fn = jax.jit(make_train_step(run.model, run.tx, run.lr_schedule, aux_weights),
                       in_shardings=(run.state_shardings, run.batch_sharding),
@@ -204,71 +225,128 @@ def train(config, workdir: str) -> dict:
     peak = peak_flops(jax.devices()[0])
     tokens_per_step = c.batch_size * c.seq_len
     writer.print(f"{config.get('name', 'run')}: {run.summary['total_params'] / 1e6:.2f}M parameters, "
-                 f"{jax.device_count()} devices, mesh {dict(run.mesh.shape)}, steps {start} -> {c.steps}"
-                 + (f" (resumed from {ckpt.directory}/{start})" if start else ""))
+                 f"{jax.device_count()} devices in {jax.process_count()} process(es), mesh {dict(run.mesh.shape)}, "
+                 f"steps {start} -> {c.steps}" + (f" (resumed from {ckpt.directory}/{start})" if start else ""))
     last_good, record, window = ckpt.latest_step(), {}, []
     t0, t_step = time.perf_counter(), start
-    for step in range(start + 1, c.steps + 1):
-      state, metrics = step_fn(state, global_batch(run, next(data_iter)))
-      window.append(metrics)
-      if step == start + 1:  # exclude compilation from the throughput
-        jax.block_until_ready(metrics["loss"])
-        t0, t_step = time.perf_counter(), step
-      log_now = step % c.log_every == 0 or step == c.steps
-      save_now = ckpt.due(step) or step == c.steps
-      if not (log_now or save_now):
-        continue
-      fetched = jax.device_get(window)
-      bad = [i for i, m in enumerate(fetched) if not np.isfinite(m["loss"])]
-      if bad:
-        ckpt.wait()
-        writer.close()
-        raise TrainingError(f"loss is {fetched[bad[0]]['loss']} at step {step - len(fetched) + bad[0] + 1}; "
-                            f"stopped without saving. Last good checkpoint: "
-                            f"{'step ' + str(last_good) if last_good is not None else 'none'} in {ckpt.directory}. "
-                            "Lower optim.lr or raise optim.warmup_steps and rerun (it resumes from there).")
-      if save_now:
-        ckpt.save(step, state, data_iter.get_state(), {"model": config.model.to_dict(), "step": step,
-                                                       "config": json.loads(config.to_json_best_effort())})
-        last_good = step
-      if log_now:
-        elapsed = time.perf_counter() - t0
-        tok_s = tokens_per_step * (step - t_step) / elapsed
-        last = fetched[-1]
-        record = {"step": step, "tokens": step * tokens_per_step,
-                  **{k: float(np.mean([m[k] for m in fetched])) for k in last if k != "intermediates"},
-                  "tokens_per_sec": tok_s,
-                  "mfu": (run.summary["flops_per_token"] * tok_s / (peak * jax.device_count())) if peak else None}
-        gates = mix_record(last["intermediates"], names)
-        if gates:
-          record["gates"] = gates
-        if c.eval_every and (step % c.eval_every == 0) or step == c.steps:
-          record["eval_loss"] = evaluate(run, eval_fn, state.params)
-        writer.write(record)
-        eta = (c.steps - step) * elapsed / max(step - t_step, 1)
-        writer.progress(step, loss=f"{record['loss']:.4f}", eval=record.get("eval_loss") and
-                        f"{record['eval_loss']:.4f}", tok_s=f"{tok_s:,.0f}", eta=f"{eta:,.0f}s")
-        t0, t_step = time.perf_counter(), step
-      window = []
-      if main_process and c.sample_every and step % c.sample_every == 0:
-        writer.print(f"step {step} sample: {_sample_text(run, state.params)!r}")
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+    try:
+      for step in range(start + 1, c.steps + 1):
+        state, metrics = step_fn(state, global_batch(run, next(data_iter)))
+        window.append(metrics)
+        if step == start + 1:  # exclude compilation from the throughput
+          jax.block_until_ready(metrics["loss"])
+          t0, t_step = time.perf_counter(), step
+        preempted = guard.stop_requested()
+        log_now = step % c.log_every == 0 or step == c.steps or preempted
+        save_now = ckpt.due(step) or step == c.steps or preempted
+        if not (log_now or save_now):
+          continue
+        fetched = jax.device_get(window)
+        window = []
+        bad = [i for i, m in enumerate(fetched) if not np.isfinite(m["loss"])]
+        if bad:
+          raise TrainingError(f"loss is {fetched[bad[0]]['loss']} at step {step - len(fetched) + bad[0] + 1}; "
+                              f"stopped without saving. Last good checkpoint: "
+                              f"{'step ' + str(last_good) if last_good is not None else 'none'} in "
+                              f"{ckpt.directory}. Lower optim.lr or raise optim.warmup_steps and rerun "
+                              "(it resumes from there).")
+        if save_now:
+          _save(ckpt, step, state, data_iter, config)
+          last_good = step
+        if log_now:
+          elapsed = time.perf_counter() - t0
+          tok_s = tokens_per_step * (step - t_step) / elapsed
+          last = fetched[-1]
+          record = {"step": step, "tokens": step * tokens_per_step,
+                    **{k: float(np.mean([m[k] for m in fetched])) for k in last if k != "intermediates"},
+                    "tokens_per_sec": tok_s,
+                    "mfu": run.summary["flops_per_token"] * tok_s / (peak * jax.device_count()) if peak else None}
+          gates = mix_record(last["intermediates"], names)
+          if gates:
+            record["gates"] = gates
+          if c.eval_every and step % c.eval_every == 0 or step == c.steps:
+            record["eval_loss"] = evaluate(run, eval_fn, state.params)
+          writer.write(record)
+          eta = (c.steps - step) * elapsed / max(step - t_step, 1)
+          writer.progress(step, loss=f"{record['loss']:.4f}", eval=record.get("eval_loss") and
+                          f"{record['eval_loss']:.4f}", tok_s=f"{tok_s:,.0f}", eta=f"{eta:,.0f}s")
+          t0, t_step = time.perf_counter(), step
+        if preempted:
+          writer.print(f"SIGTERM: saved step {step} in {ckpt.directory}; rerun the same command to resume")
+          record = {**record, "preempted": True}
+          break
+        if c.sample_every and step % c.sample_every == 0:
+          text = _sample_text(run, state.params)  # every process joins the computation
+          writer.print(f"step {step} sample: {text!r}")
+    finally:
+      ckpt.wait()
+      ckpt.close()
+      writer.close()
+      guard.close()
   return record
+
+
+def compile_only(config) -> dict:
+  """Lowers and compiles the train step for the configured mesh from abstract shapes (no weights,
+  no data) and returns XLA's per-device memory estimate in bytes."""
+  try:
+    run = build(config, with_data=False)
+  except ValueError as e:
+    raise TrainingError(str(e)) from e
+  aux_weights = {k: float(v) for k, v in config.get("loss_weights", {}).items()}
+  batch = {k: jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len), jnp.int32,
+                                   sharding=run.batch_sharding) for k in ("inputs", "targets")}
+  with sharding.mesh_context(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    step_fn = jax.jit(make_train_step(run.model, run.tx, run.lr_schedule, aux_weights),
+                      in_shardings=(run.state_shardings, run.batch_sharding),
+                      out_shardings=(run.state_shardings, None), donate_argnums=0)
+    compiled = step_fn.lower(run.abstract_state, batch).compile()
+  mem = compiled.memory_analysis()
+  out = {name: int(getattr(mem, f"{name}_size_in_bytes", 0) or 0)
+         for name in ("argument", "output", "temp", "generated_code", "alias")}
+  out["total"] = out["argument"] + out["output"] + out["temp"] + out["generated_code"] - out["alias"]
+  stats = jax.devices()[0].memory_stats() or {}
+  out["device_limit"] = int(stats.get("bytes_limit", 0))
+  return out
+
+
+def format_memory(config, mem: dict) -> str:
+  gib = lambda b: f"{b / 2**30:8.3f} GiB"
+  rows = [("arguments (params, optimizer state, batch)", mem["argument"]), ("outputs", mem["output"]),
+          ("  of which aliased to arguments (donated)", mem["alias"]), ("temporaries (activations)", mem["temp"]),
+          ("generated code", mem["generated_code"]), ("total per device", mem["total"])]
+  lines = [f"{config.get('name', 'run')}: train step compiled for mesh "
+           f"{dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, jax.device_count())))} "
+           f"on {jax.device_count()} {jax.devices()[0].platform} devices; memory per device:"]
+  lines += [f"  {name:<44}{gib(value)}" for name, value in rows]
+  if mem["device_limit"]:
+    verdict = "fits" if mem["total"] <= mem["device_limit"] else "DOES NOT FIT"
+    lines.append(f"  {'device memory':<44}{gib(mem['device_limit'])}  ({verdict})")
+  return "\n".join(lines)
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines out of the progress bar
+  f = flags.FLAGS
   try:
-    train(flags.FLAGS.config, flags.FLAGS.workdir)
-  except TrainingError as e:
+    runtime.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    if f.compile_only:
+      print(format_memory(f.config, compile_only(f.config)))
+      return
+    if not f.workdir:
+      raise TrainingError("--workdir is required to train (only --compile_only runs without one)")
+    train(f.config, f.workdir)
+  except (TrainingError, ValueError) as e:
     raise SystemExit(f"error: {e}")
 
 
 if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tb/.")
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tb/ (a gs:// path works).")
+  flags.DEFINE_bool("compile_only", False, "Compile the train step for the mesh, print memory per device, exit.")
+  flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-process runs.")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+  flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+  flags.mark_flags_as_required(["config"])
   app.run(main)
