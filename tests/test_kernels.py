@@ -181,6 +181,7 @@ def test_tile_rules():
   assert mix._tile(16384, 32, 1, True) == (32, 16384)
   assert mix._tile(300, 64, 1, True) == (64, 320)
   assert mix._tile(37, 64, 1, True) == (64, 64)
+  assert mix._tile(704, 1024, 1, True, floor=64) == (64, 704)  # F = 5632 in 8 groups
   # Mosaic: multiples of 128, or the whole dim when allowed.
   assert mix._tile(5632, 512, 128, False) == (512, 5632)
   assert mix._tile(1408, 512, 128, False) == (128, 1408)

@@ -166,22 +166,28 @@ class _Tiling:
     return self.f_pad // self.bf
 
 
-def _tile(n: int, target: int, quantum: int, pow2: bool, whole: bool = False) -> tuple[int, int]:
-  """(block, padded n): a block that tiles n if one exists within 4× of target, else pad.
+def _tile(n: int, target: int, quantum: int, pow2: bool, whole: bool = False,
+          floor: int | None = None) -> tuple[int, int]:
+  """(block, padded n): the largest block in [floor, target] that tiles n, else pad n.
 
-  pow2: blocks are powers of two (Triton); else multiples of quantum, or all of n when whole.
+  pow2: blocks are powers of two (Triton); else multiples of quantum, or all of n when whole
+  and n ≤ target. floor defaults to target/4.
   """
-  if n <= target:
-    if whole and not pow2:
-      return n, n
+  if whole and not pow2 and n <= target:
+    return n, n
+  floor = max(quantum, target // 4 if floor is None else floor)
+  if pow2:
+    block = min(target, 1 << (n.bit_length() - 1))
+    candidates = [block >> i for i in range(block.bit_length()) if block >> i >= floor]
+  else:
+    block = min(target, n // quantum * quantum)
+    candidates = range(block, floor - 1, -quantum)
+  for b in candidates:
+    if n % b == 0:
+      return b, n
+  if n <= target:  # one block, padded
     block = max(pl.next_power_of_2(n), quantum) if pow2 else -(-n // quantum) * quantum
     return block, block
-  step = (lambda b: b // 2) if pow2 else (lambda b: b - quantum)
-  block = target
-  while block >= max(quantum, target // 4):
-    if n % block == 0:
-      return block, n
-    block = step(block)
   return target, -(-n // target) * target
 
 
@@ -207,7 +213,7 @@ class _Triton:
   def tiling(self, t: int, fg: int, groups: int, backward: bool, block_t, block_f) -> _Tiling:
     _check_block(block_t, "block_t", 1, True, self.name)
     _check_block(block_f, "block_f", 1, True, self.name)
-    bf, f_pad = _tile(fg, block_f or self.target_f, 1, True)
+    bf, f_pad = _tile(fg, block_f or self.target_f, 1, True, floor=64)  # F = 11·512, 11·64
     elems = self.bwd_elems if backward else self.fwd_elems
     bt, t_pad = _tile(t, block_t or max(1, elems // bf), 1, True)
     return _Tiling(bt, bf, t_pad, f_pad)
@@ -247,7 +253,7 @@ class _Mosaic:
     target_t, target_f = self.bwd_block if backward else self.fwd_block
     bt, t_pad = _tile(t, block_t or target_t, 128, False, whole=True)
     # A channel block may be a whole row only when that row is one group.
-    bf, f_pad = _tile(fg, block_f or target_f, 128, False, whole=groups == 1)
+    bf, f_pad = _tile(fg, block_f or target_f, 128, False, whole=groups == 1, floor=128)
     return _Tiling(bt, bf, t_pad, f_pad)
 
   def compiler_params(self, tiling: _Tiling, backward: bool):
