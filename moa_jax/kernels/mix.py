@@ -21,8 +21,10 @@ Backend: GPU → Triton (`pallas.triton.CompilerParams`), TPU → Mosaic, anythi
 kernel in interpret mode. `backend=` and `interpret=` override the choice (tests run both
 kernel variants on CPU; `jax.export(..., platforms=("tpu",))` checks the Mosaic lowering).
 
-Sharded inputs: under jit, XLA runs the kernel on gathered operands; `mix_product_sharded`
-runs it per device inside `shard_map`, since mixing is independent per token.
+Sharded inputs: mixing is independent per token, so the kernel runs per device in `shard_map`
+(`mix_product_sharded`). Inputs sharded over Explicit mesh axes take that path by themselves;
+over Auto axes, XLA partitions the call as it sees fit (on accelerators a custom call is
+replicated, operands gathered), so FFNs on Auto meshes should call `mix_product_sharded`.
 """
 
 from __future__ import annotations
@@ -323,7 +325,8 @@ def _mix_forward_kernel(*refs, spec: _Spec):
     v = u_ref[...].astype(jnp.float32)
     if cu_ref is not None:
       cols_u = spec.layout.gate_columns(cu_ref, len(spec.names_u))
-      v = _weighted_sum(cols_u, [fn(_Block(v)) for fn, _ in _forms(spec.names_u)])
+      ub = _Block(v)
+      v = _weighted_sum(cols_u, [fn(ub) for fn, _ in _forms(spec.names_u)])
     y = y * v
   y_ref[...] = y.astype(y_ref.dtype)
 
