@@ -1,0 +1,219 @@
+"""Figures of runs and studies: loss curves, LR sensitivity, scaling fits, gate heatmaps.
+
+    python -m moa_jax.plot RUN_DIR [RUN_DIR ...] --out FILE.png [--metric loss|lm_loss|eval_loss]
+
+Each function takes plain numbers and returns a matplotlib Figure built without pyplot (no global
+state, no GUI backend); `save` writes it. The study report (moa_jax/report.py), the CLI below and the
+Colab notebook all draw through these functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+SeedCurve = tuple[np.ndarray, np.ndarray]  # (x (N,), y (N,)) of one seed
+
+
+def ema(y: Sequence[float], smooth: float) -> np.ndarray:
+  """Debiased exponential moving average (TensorBoard's smoothing); smooth = 0 returns y."""
+  out, s = np.empty(len(y)), 0.0
+  for i, v in enumerate(y):
+    s = smooth * s + (1 - smooth) * v
+    out[i] = s / (1 - smooth ** (i + 1))
+  return out
+
+
+def _seed_band(curves: list[SeedCurve], smooth: float):
+  """Smoothed seeds on their common x: (x, mean, lo, hi), lo/hi the min/max over seeds."""
+  common = curves[0][0]
+  for x, _ in curves[1:]:
+    common = np.intersect1d(common, x)
+  ys = np.stack([ema(y, smooth)[np.isin(x, common)] for x, y in curves])  # (seeds, N)
+  return common, ys.mean(0), ys.min(0), ys.max(0)
+
+
+def _colours(n: int):
+  return [f"C{i % 10}" for i in range(n)]
+
+
+def loss_curves(series: dict[str, list[SeedCurve]], *, metric: str = "loss", smooth: float = 0.6,
+                x_label: str = "training tokens", title: str = "") -> Figure:
+  """One colour per label: the mean over seeds of the smoothed curves, and a min–max band over seeds.
+
+  Left: the whole run, log-x. Right: the second half of the longest run, linear x and zoomed y, where
+  arms that differ by a few hundredths of a nat can be told apart.
+  """
+  fig = Figure(figsize=(12, 4.5), layout="constrained")
+  full, zoom = fig.subplots(1, 2)
+  x_max = max(c[0][-1] for curves in series.values() for c in curves if len(c[0]))
+  zoom_lo, zoom_hi = [], []
+  for colour, (label, curves) in zip(_colours(len(series)), series.items()):
+    curves = [c for c in curves if len(c[0])]
+    if not curves:
+      continue
+    x, mean, lo, hi = _seed_band(curves, smooth)
+    name = f"{label} ({len(curves)} seeds)" if len(curves) > 1 else label
+    for ax in (full, zoom):
+      ax.plot(x, mean, color=colour, lw=1.6, label=name, marker="o" if len(x) < 12 else None, ms=3)
+      if len(curves) > 1:
+        ax.fill_between(x, lo, hi, color=colour, alpha=0.2, lw=0)
+    late = x >= x_max / 2
+    if late.any():
+      zoom_lo.append(lo[late].min())
+      zoom_hi.append(hi[late].max())
+  smoothing = f", EMA {smooth:g}" if smooth else ""
+  y_label = f"{metric} (nats/token{smoothing})"
+  full.set_xscale("log")
+  full.set(xlabel=f"{x_label} (log scale)", ylabel=y_label, title="whole run")
+  zoom.set(xlabel=x_label, ylabel=y_label, title="second half (zoomed)")
+  zoom.set_xlim(x_max / 2, x_max * 1.01)
+  if zoom_lo:
+    pad = 0.05 * (max(zoom_hi) - min(zoom_lo)) or 0.01
+    zoom.set_ylim(min(zoom_lo) - pad, max(zoom_hi) + pad)
+  for ax in (full, zoom):
+    ax.grid(True, which="both", alpha=0.3)
+  full.legend(fontsize=8)
+  if any(len(c) > 1 for c in series.values()):
+    zoom.text(0.99, 0.99, "line: mean over seeds; band: min–max", transform=zoom.transAxes,
+              ha="right", va="top", fontsize=8, color="0.35")
+  if title:
+    fig.suptitle(title)
+  return fig
+
+
+def lr_sensitivity(points: dict[str, list[tuple[float, float, float, int]]], *, title: str = "") -> Figure:
+  """points: label -> [(peak lr, mean final eval loss, 95% CI half-width, diverged seeds)], one per lr.
+
+  A diverged seed is drawn as a cross at the top of the plot; means use the seeds that finished.
+  """
+  fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+  ax = fig.subplots()
+  finite = [m for pts in points.values() for _, m, _, _ in pts if math.isfinite(m)]
+  top = max(finite) + 0.05 * (max(finite) - min(finite) or 1) if finite else 1.0
+  for colour, (label, pts) in zip(_colours(len(points)), points.items()):
+    pts = sorted(pts)
+    ok = [(lr, m, h) for lr, m, h, _ in pts if math.isfinite(m)]
+    if ok:
+      lrs, means, halves = map(np.array, zip(*ok))
+      ax.errorbar(lrs, means, yerr=np.where(np.isfinite(halves), halves, 0), color=colour, marker="o",
+                  capsize=3, label=label)
+    failed = [lr for lr, _, _, n_failed in pts if n_failed]
+    if failed:
+      ax.scatter(failed, [top] * len(failed), marker="x", s=60, color=colour)
+  if any(n for pts in points.values() for *_, n in pts):
+    ax.text(0.01, 0.99, "×: a seed diverged at this lr", transform=ax.transAxes, va="top", fontsize=8)
+  ax.set_xscale("log")
+  ax.set(xlabel="peak learning rate (log scale)", ylabel="final eval loss (nats/token)",
+         title=title or "learning-rate sensitivity (mean ± 95% CI over seeds)")
+  ax.grid(True, which="both", alpha=0.3)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=8)
+  return fig
+
+
+def scaling(points: dict[str, list[tuple[float, float]]], fits: dict[str, tuple[float, float]], *,
+            title: str = "") -> Figure:
+  """points: label -> [(training FLOPs, final eval loss)]; fits: label -> (a, b) of loss = a · C^-b."""
+  fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+  ax = fig.subplots()
+  for colour, (label, pts) in zip(_colours(len(points)), points.items()):
+    c, loss = map(np.array, zip(*sorted(pts)))
+    name = label
+    if label in fits:
+      a, b = fits[label]
+      grid = np.geomspace(c.min() / 2, c.max() * 2, 50)
+      ax.plot(grid, a * grid ** -b, color=colour, ls="--", lw=1)
+      name = f"{label}: L = {a:.3g}·C^-{b:.3f}"
+    ax.scatter(c, loss, color=colour, label=name, zorder=3)
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  plain = FuncFormatter(lambda v, _: f"{v:g}")  # losses span a narrow range: label minor ticks too
+  ax.yaxis.set_major_formatter(plain)
+  ax.yaxis.set_minor_formatter(plain)
+  ax.set(xlabel="training compute C (FLOPs, log scale)", ylabel="final eval loss (nats/token, log scale)",
+         title=title or "scaling: final loss vs compute, power-law fit")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=8)
+  return fig
+
+
+def gate_heatmaps(panels: list[tuple[str, dict[str, list[float]]]], *, title: str = "") -> Figure:
+  """panels: [(title, {activation: [mean gate per layer]})]: one heatmap (layers × activations) each,
+  on one shared colour scale."""
+  cols = min(len(panels), 2)
+  rows = math.ceil(len(panels) / cols)
+  n_layers = max(len(v) for _, gates in panels for v in gates.values())
+  n_acts = max(len(gates) for _, gates in panels)
+  fig = Figure(figsize=(cols * (1.2 + 0.75 * n_acts), rows * (1.6 + 0.35 * n_layers)), layout="constrained")
+  axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+  values = np.concatenate([np.ravel(list(g.values())) for _, g in panels])
+  lo, hi = min(values.min(), 0.0), max(values.max(), 1e-6)
+  cmap = "RdBu_r" if lo < 0 else "viridis"
+  if lo < 0:
+    lo, hi = -max(-lo, hi), max(-lo, hi)
+  image = None
+  for ax, (name, gates) in zip(axes, panels):
+    acts = list(gates)
+    grid = np.array([gates[a] for a in acts]).T  # (layers, K)
+    image = ax.imshow(grid, cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
+    ax.set_xticks(range(len(acts)), acts, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(grid.shape[0]), [str(i) for i in range(grid.shape[0])], fontsize=8)
+    ax.set(ylabel="layer", title=name)
+    if grid.size <= 200:
+      for (i, j), v in np.ndenumerate(grid):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                color="white" if (v - lo) < 0.6 * (hi - lo) else "black")
+  for ax in axes[len(panels):]:
+    ax.set_visible(False)
+  fig.colorbar(image, ax=axes[:len(panels)].tolist(), label="mean gate / coefficient", shrink=0.8)
+  fig.suptitle(title or "mean gate value per layer × activation (last logged step, mean over seeds)")
+  return fig
+
+
+def save(fig: Figure, path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+  return path
+
+
+def run_curve(records: list[dict], metric: str, x: str = "tokens") -> SeedCurve:
+  """(x, y) of one run's records that carry `metric`."""
+  kept = [r for r in records if r.get(metric) is not None]
+  return np.array([r[x] for r in kept], float), np.array([r[metric] for r in kept], float)
+
+
+def main(argv: list[str] | None = None) -> None:
+  from moa_jax import rundir
+
+  parser = argparse.ArgumentParser(description="Loss curves of one or more runs, one colour per run.")
+  parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="directories written by moa_jax.train")
+  parser.add_argument("--out", required=True, help="PNG file to write")
+  parser.add_argument("--metric", default="loss", help="loss | lm_loss | eval_loss | grad_norm | ...")
+  parser.add_argument("--smooth", type=float, default=None,
+                      help="EMA smoothing in [0, 1) (default 0.6; 0 for eval_loss)")
+  parser.add_argument("--x", default="tokens", choices=("tokens", "step"), help="x axis")
+  args = parser.parse_args(argv)
+  smooth = args.smooth if args.smooth is not None else (0.0 if args.metric == "eval_loss" else 0.6)
+  names = [os.path.basename(os.path.normpath(d)) for d in args.run_dirs]
+  if len(set(names)) < len(names):
+    names = [os.path.normpath(d) for d in args.run_dirs]
+  series = {}
+  for name, workdir in zip(names, args.run_dirs):
+    curve = run_curve(rundir.records(workdir), args.metric, args.x)
+    if not len(curve[0]):
+      raise SystemExit(f"error: {workdir}/metrics.jsonl has no {args.metric!r} values")
+    series[name] = [curve]
+  fig = loss_curves(series, metric=args.metric, smooth=smooth,
+                    x_label="training tokens" if args.x == "tokens" else "optimizer step")
+  print(f"wrote {save(fig, args.out)}")
+
+
+if __name__ == "__main__":
+  main()
