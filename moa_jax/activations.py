@@ -133,11 +133,32 @@ def mix_product_reference(h: Array, coef: Array, names: Sequence[str], u: Array 
 def mix_product(h: Array, coef: Array, names: Sequence[str], u: Array | None = None,
                 coef_u: Array | None = None, names_u: Sequence[str] | None = None,
                 *, impl: str = "xla") -> Array:
-  """The seam between the FFN modules and the fused kernel: `impl` is "xla" or "pallas"."""
+  """The seam between the FFN modules and the fused kernel: `impl` is "xla" or "pallas".
+
+  Under a multi-device mesh (set by the trainer) the kernel runs per device in shard_map, with h
+  laid out as the logical axes ('batch', 'length', 'mlp') say: the mixing is per token, so each
+  device mixes its own tokens and channels."""
   if impl == "xla":
     return mix_product_reference(h, coef, names, u, coef_u, names_u)
-  if impl == "pallas":
-    from moa_jax.kernels import mix as mix_kernel  # imported lazily: pallas import is slow
-    return mix_kernel.mix_product(h, coef, tuple(names), u, coef_u,
-                                  None if names_u is None else tuple(names_u))
-  raise ValueError(f"model.ffn.impl = {impl!r}; known: xla, pallas")
+  if impl != "pallas":
+    raise ValueError(f"model.ffn.impl = {impl!r}; known: xla, pallas")
+  from moa_jax.kernels import mix as mix_kernel  # imported lazily: pallas import is slow
+  names, names_u = tuple(names), None if names_u is None else tuple(names_u)
+  mesh = _auto_mesh()
+  if mesh is None or h.ndim != 3:
+    return mix_kernel.mix_product(h, coef, names, u, coef_u, names_u)
+  import flax.linen as nn
+  spec = nn.logical_to_mesh_axes(("batch", "length", "mlp"))
+  return mix_kernel.mix_product_sharded(h, coef, names, u, coef_u, names_u, mesh=mesh, spec=spec)
+
+
+def _auto_mesh():
+  """The current multi-device mesh if its axes are all automatic (not inside shard_map), else None."""
+  get = getattr(jax.sharding, "get_abstract_mesh", None)
+  mesh = get() if get else None
+  if mesh is None or getattr(mesh, "empty", True) or mesh.size == 1:
+    return None
+  auto = getattr(jax.sharding.AxisType, "Auto", None)
+  if auto is not None and any(t != auto for t in getattr(mesh, "axis_types", ())):
+    return None
+  return mesh

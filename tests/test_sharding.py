@@ -13,54 +13,57 @@ from moa_jax import sharding
 MESHES = {"data8": (8, 1, 1, 1), "mixed": (2, 2, 2, 1), "fsdp8": (1, 8, 1, 1)}
 
 
-def _worker(mesh: str, workdir: str, cache: str) -> None:
+def _worker(workdir: str, cache: str) -> None:
+  """Trains the debug config on each mesh (and once with the Pallas kernel) in one 8-device process."""
   import jax
   from moa_jax import presets, train
   assert jax.device_count() == 8
-  c = presets.lm_config(size="debug", ffn="bimoa")
-  c.data.cache_dir, c.data.max_bytes = cache, 400_000
-  c.train.steps, c.train.log_every, c.train.eval_every, c.train.sample_every = 6, 1, 0, 0
-  c.checkpoint.every = 0
-  for axis, size in zip(sharding.MESH_AXES, MESHES[mesh]):
-    c.mesh[axis] = size
-  run = train.build(c)
-  specs = {k: list(v.spec) for k, v in [
-      ("w1", run.state_shardings.params["layers"]["ffn"]["w1"]),
-      ("wq", run.state_shardings.params["layers"]["attention"]["wq"]),
-      ("embedding", run.state_shardings.params["embedding"]),
-      ("adam_mu_w1", run.state_shardings.opt_state[1][0].mu["layers"]["ffn"]["w1"])]}
-  train.train(c, workdir)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    losses = [json.loads(line)["loss"] for line in f]
-  state = train.init_state(run)
-  shard_shape = state.params["layers"]["ffn"]["w1"].addressable_shards[0].data.shape
-  c.train.batch_size = 6
-  try:
-    train.build(c)
-    batch_error = None
-  except train.TrainingError as e:
-    batch_error = str(e)
-  print("RESULT " + json.dumps({"losses": losses, "specs": specs, "w1_shard": list(shard_shape),
-                                "batch_error": batch_error}))
+  out = {}
+  for mesh, impl in [*((m, "xla") for m in MESHES), ("mixed", "pallas")]:
+    c = presets.lm_config(size="debug", ffn="bimoa")
+    c.data.cache_dir, c.data.max_bytes = cache, 400_000
+    c.train.steps, c.train.log_every, c.train.eval_every, c.train.sample_every = 6, 1, 0, 0
+    c.checkpoint.every = 0
+    c.model.ffn.impl = impl
+    for axis, size in zip(sharding.MESH_AXES, MESHES[mesh]):
+      c.mesh[axis] = size
+    run = train.build(c)
+    specs = {k: list(v.spec) for k, v in [
+        ("w1", run.state_shardings.params["layers"]["ffn"]["w1"]),
+        ("wq", run.state_shardings.params["layers"]["attention"]["wq"]),
+        ("embedding", run.state_shardings.params["embedding"]),
+        ("adam_mu_w1", run.state_shardings.opt_state[1][0].mu["layers"]["ffn"]["w1"])]}
+    rundir = os.path.join(workdir, f"{mesh}_{impl}")
+    train.train(c, rundir)
+    with open(os.path.join(rundir, "metrics.jsonl")) as f:
+      losses = [json.loads(line)["loss"] for line in f]
+    state = train.init_state(run)
+    shard_shape = state.params["layers"]["ffn"]["w1"].addressable_shards[0].data.shape
+    c.train.batch_size = 6
+    try:
+      train.build(c)
+      batch_error = None
+    except train.TrainingError as e:
+      batch_error = str(e)
+    out[f"{mesh}_{impl}" if impl != "xla" else mesh] = {
+        "losses": losses, "specs": specs, "w1_shard": list(shard_shape), "batch_error": batch_error}
+  print("RESULT " + json.dumps(out))
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, data_cache):
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-  out = {}
-  for name in MESHES:
-    workdir = str(tmp_path_factory.mktemp(name))
-    proc = subprocess.run([sys.executable, __file__, name, workdir, data_cache], env=env,
-                          capture_output=True, text=True, timeout=600)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
-    out[name] = json.loads(lines[-1][len("RESULT "):])
-  return out
+  workdir = str(tmp_path_factory.mktemp("meshes"))
+  proc = subprocess.run([sys.executable, __file__, workdir, data_cache], env=env,
+                        capture_output=True, text=True, timeout=900)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
+  return json.loads(lines[-1][len("RESULT "):])
 
 
 def test_meshes_give_the_same_losses(results):
-  # Tolerance: the meshes reduce in different orders (bf16 compute, fp32 accumulation), so losses
-  # agree to ~1e-3 relative over 6 steps, not bitwise.
+  # Tolerance: the meshes reduce in different orders (fp32), so losses agree to rounding, not bitwise;
+  # 2e-3 relative also covers bf16 compute.
   ref = results["data8"]["losses"]
   assert len(ref) == 6
   for name in ("mixed", "fsdp8"):
@@ -77,6 +80,12 @@ def test_parameters_are_sharded_as_the_rules_say(results):
   assert results["mixed"]["w1_shard"] == [2, 32, 96]                     # (2, 64, 192) over fsdp=2, tensor=2
   assert results["fsdp8"]["w1_shard"] == [2, 8, 192]
   assert results["data8"]["w1_shard"] == [2, 64, 192]
+
+
+def test_pallas_kernel_under_a_sharded_mesh_matches_xla(results):
+  # The kernel runs per device in shard_map over (batch, length, mlp); fp32 compute.
+  for a, b in zip(results["mixed"]["losses"], results["mixed_pallas"]["losses"]):
+    assert abs(a - b) <= 1e-5 * abs(a), (results["mixed"]["losses"], results["mixed_pallas"]["losses"])
 
 
 def test_batch_not_divisible_by_the_data_axes(results):
