@@ -88,6 +88,33 @@ def loss_curves(series: dict[str, list[SeedCurve]], *, metric: str = "loss", smo
   return fig
 
 
+def difference_curves(series: dict[str, list[SeedCurve]], *, baseline: str, metric: str = "loss",
+                      smooth: float = 0.6, title: str = "") -> Figure:
+  """series: label -> per-seed (tokens, arm − baseline) at the steps both logged. One colour per label:
+  the mean over seeds of the smoothed differences and a min–max band; below zero the arm is ahead."""
+  fig = Figure(figsize=(8, 4.5), layout="constrained")
+  ax = fig.subplots()
+  ax.axhline(0.0, color="0.3", lw=1, ls="--", label=f"{baseline} (baseline)")
+  for colour, (label, curves) in zip(_colours(len(series) + 1)[1:], series.items()):
+    curves = [c for c in curves if len(c[0])]
+    if not curves:
+      continue
+    x, mean, lo, hi = _seed_band(curves, smooth)
+    ax.plot(x, mean, color=colour, lw=1.6, label=f"{label} ({len(curves)} seeds)" if len(curves) > 1 else label)
+    if len(curves) > 1:
+      ax.fill_between(x, lo, hi, color=colour, alpha=0.2, lw=0)
+  ax.set_xscale("log")
+  smoothing = f", EMA {smooth:g}" if smooth else ""
+  ax.set(xlabel="training tokens (log scale)", ylabel=f"Δ {metric} vs {baseline} (nats/token{smoothing})",
+         title=title or f"paired difference from {baseline}, seed by seed (below 0: better)")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=8)
+  if any(len(c) > 1 for c in series.values()):
+    ax.text(0.99, 0.01, "line: mean over seeds; band: min–max", transform=ax.transAxes, ha="right",
+            va="bottom", fontsize=8, color="0.35")
+  return fig
+
+
 def lr_sensitivity(points: dict[str, list[tuple[float, float, float, int]]], *, title: str = "") -> Figure:
   """points: label -> [(peak lr, mean final eval loss, 95% CI half-width, diverged seeds)], one per lr.
 
@@ -168,8 +195,8 @@ def gate_heatmaps(panels: list[tuple[str, dict[str, list[float]]]], *, title: st
     ax.set(ylabel="layer", title=name)
     if grid.size <= 200:
       for (i, j), v in np.ndenumerate(grid):
-        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                color="white" if (v - lo) < 0.6 * (hi - lo) else "black")
+        dark = abs(v) > 0.6 * hi if cmap == "RdBu_r" else (v - lo) < 0.6 * (hi - lo)
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
   for ax in axes[len(panels):]:
     ax.set_visible(False)
   fig.colorbar(image, ax=axes[:len(panels)].tolist(), label="mean gate / coefficient", shrink=0.8)

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import statistics
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -150,6 +150,7 @@ class RunResult:
   gates: dict | None = None        # last logged {branch: {activation: [per layer]}}
   records: list = dataclasses.field(default_factory=list)
   error: str = ""
+  config: Any = None               # the run's ConfigDict (config.json)
 
 
 FAILED = "failed.json"  # written by the study runner into a run that stopped with a TrainingError
@@ -164,7 +165,7 @@ def read_run(ref: RunRef) -> RunResult:
   config = rundir.load_config(ref.workdir)
   s = summary.summarize(model_spec(config.model), config.train.seq_len)
   result = RunResult(ref, "incomplete", lr=config.optim.lr, params=s["total_params"],
-                     flops_per_token=s["flops_per_token"])
+                     flops_per_token=s["flops_per_token"], config=config)
   if os.path.exists(os.path.join(ref.workdir, "metrics.jsonl")):
     result.records = rundir.records(ref.workdir)
   failed = os.path.join(ref.workdir, FAILED)
@@ -178,17 +179,18 @@ def read_run(ref: RunRef) -> RunResult:
   speeds = [r["tokens_per_sec"] for r in result.records if r.get("tokens_per_sec")]
   result.tokens_per_sec = float(np.median(speeds)) if speeds else math.nan
   result.gates = next((r["gates"] for r in reversed(result.records) if "gates" in r), None)
-  if result.status != "diverged" and last["step"] == config.train.steps and last.get("eval_loss") is not None:
+  if result.status != "diverged" and _complete(result.records, config.train.steps):
     result.status, result.final_eval_loss = "finished", last["eval_loss"]
   return result
 
 
+def _complete(records: list[dict], steps: int) -> bool:
+  return bool(records) and records[-1]["step"] == steps and records[-1].get("eval_loss") is not None
+
+
 def is_finished(workdir: str, steps: int) -> bool:
   """metrics.jsonl reaches `steps` with an eval loss there."""
-  if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-    return False
-  recs = rundir.records(workdir)
-  return bool(recs) and recs[-1]["step"] == steps and recs[-1].get("eval_loss") is not None
+  return os.path.exists(os.path.join(workdir, "metrics.jsonl")) and _complete(rundir.records(workdir), steps)
 
 
 # ---------------------------------------------------------------------------------------- the report
@@ -234,14 +236,27 @@ def write_report(study, runs: list[RunRef], out_dir: str, command: str = "") -> 
   n_sizes, n_lrs = len(study.sizes), len(study.lr_multipliers)
   label = lambda key: _label(key, n_sizes, n_lrs)
   lines = [f"# Study `{study.name}`", ""]
-  if study.description:
-    lines += [study.description.strip(), ""]
+  summary, _, details = study.description.strip().partition("\n\n")
+  if summary:
+    lines += [summary, ""]
   if command:
     lines += ["Produced by:", "", "```bash", command, "```", ""]
   done = sum(r.status == "finished" for r in v.results)
   lines += [f"Runs: {done} of {len(v.results)} finished; seeds {', '.join(map(str, study.seeds))} "
             f"(seed s: the same init seed and data order in every arm). Baseline arm: `{study.baseline}`.", ""]
+  for size in study.sizes:
+    r = next((r for r in v.results if r.ref.size == size and r.config is not None), None)
+    if r is not None:
+      t, o = r.config.train, r.config.optim
+      lines += [f"Each `{size}` run: {t.steps:,} steps × {t.batch_size} sequences × {t.seq_len} tokens "
+                f"= {_si(t.steps * t.batch_size * t.seq_len)} tokens, peak lr {o.lr / r.ref.lr_multiplier:.3g}"
+                f"{' × the multiplier' if len(study.lr_multipliers) > 1 else ''} ({o.schedule}, "
+                f"{o.warmup_steps} warmup steps), {o.name}, {r.config.model.dtype} compute.", ""]
+  if details:
+    lines += ["<details><summary>The study file's notes</summary>", "", "```text", details, "```", "",
+              "</details>", ""]
   lines += _table(study, v, label)
+  lines += _per_seed(study, v, label)
   scaling_lines, scaling_points, fits = _scaling(study, v)
   lines += scaling_lines
   figures = _figures(study, v, label, scaling_points, fits, out_dir)
@@ -258,6 +273,18 @@ def write_report(study, runs: list[RunRef], out_dir: str, command: str = "") -> 
   with open(path, "w") as f:
     f.write("\n".join(lines))
   return path
+
+
+def _per_seed(study, v: _Variants, label) -> list[str]:
+  seeds = list(study.seeds)
+  out = ["<details><summary>Final eval loss per seed</summary>", "",
+         "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+  for key in v.keys:
+    by_seed = {r.ref.seed: r for r in v.runs[key]}
+    cells = [f"{by_seed[s].final_eval_loss:.4f}" if s in by_seed and by_seed[s].status == "finished"
+             else (by_seed[s].status if s in by_seed else "—") for s in seeds]
+    out.append(f"| {label(key)} | " + " | ".join(cells) + " |")
+  return out + ["", "</details>", ""]
 
 
 def _table(study, v: _Variants, label) -> list[str]:
@@ -295,7 +322,8 @@ def _table(study, v: _Variants, label) -> list[str]:
   out = ["## Final eval loss", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   out += ["| " + " | ".join(r) + " |" for r in rows]
   out += ["", "Eval loss: mean next-token cross-entropy (nats) on held-out batches at the last step. "
-          "Δ < 0: the arm beats the baseline. CI: Student t over seeds; with one seed there is none."]
+          "Δ < 0: the arm beats the baseline. CI: Student t over seeds; with one seed there is none. "
+          "Tokens/s: median over the run's logged intervals (compilation excluded), then over seeds."]
   if any_significant:
     out.append("`*`: the paired 95% CI excludes 0.")
   out.append("")
@@ -339,6 +367,16 @@ def _figures(study, v: _Variants, label, scaling_points, fits, out_dir: str) -> 
     series = {label(k): [plot.run_curve(r.records, "eval_loss") for r in v.finished(k)] for k in curve_keys}
     fig = plot.loss_curves(series, metric="eval loss", smooth=0.0, title=f"{study.name}: eval loss{lr_note}")
     figures.append(("Eval loss", _save(fig, out_dir, "eval_loss.png")))
+    differences = {}
+    for key in curve_keys:
+      base = {r.ref.seed: r for r in v.finished((key[0], study.baseline, key[2]))}
+      if key[1] != study.baseline and base:
+        differences[label(key)] = [_difference(r.records, base[r.ref.seed].records)
+                                   for r in v.finished(key) if r.ref.seed in base]
+    if differences:
+      fig = plot.difference_curves(differences, baseline=study.baseline, metric="training loss",
+                                   title=f"{study.name}: training loss minus {study.baseline}'s, seed by seed{lr_note}")
+      figures.append((f"Paired difference from {study.baseline}", _save(fig, out_dir, "loss_difference.png")))
   if len(study.lr_multipliers) > 1:
     points = {}
     for size, arm, m in v.keys:
@@ -360,10 +398,22 @@ def _figures(study, v: _Variants, label, scaling_points, fits, out_dir: str) -> 
     gated = [r.gates for r in v.finished(key) if r.gates]
     for branch in (gated[0] if gated else {}):
       mean = {act: np.mean([g[branch][act] for g in gated], axis=0).tolist() for act in gated[0][branch]}
-      panels.append((f"{label(key)}: {branch}", mean))
+      panels.append((f"{label(key)}: {BRANCHES.get(branch, branch)}", mean))
   if panels:
     figures.append(("Gates", _save(plot.gate_heatmaps(panels), out_dir, "gates.png")))
   return figures
+
+
+# Gate branches as metrics.jsonl names them -> what they mix.
+BRANCHES = {"ffn.mix": "σ(W1x) branch (ffn.mix)", "ffn.mix_u": "W2x branch (ffn.mix_u)"}
+
+
+def _difference(records: list[dict], baseline: list[dict]) -> plot.SeedCurve:
+  """(tokens, loss − baseline loss) at the steps both runs logged."""
+  base = {r["step"]: r["loss"] for r in baseline if r.get("loss") is not None}
+  kept = [r for r in records if r.get("loss") is not None and r["step"] in base]
+  return (np.array([r["tokens"] for r in kept], float),
+          np.array([r["loss"] - base[r["step"]] for r in kept], float))
 
 
 def _save(fig, out_dir: str, name: str) -> str:

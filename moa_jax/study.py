@@ -59,7 +59,7 @@ class Study:
   tokens_per_param: float = 0.0           # > 0: steps = ceil(this × parameters / tokens per step)
   lr_multipliers: tuple[float, ...] = (1.0,)  # each arm at these multiples of its base optim.lr
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # every run (arms' win)
-  description: str = ""                   # shown at the top of the report (default: the file's docstring)
+  description: str = ""                   # the report's preamble (default: the file's docstring)
 
   def __post_init__(self):
     arms = {name: _arm(name, a) for name, a in self.arms.items()}
@@ -190,7 +190,9 @@ def run_study(study: Study, workdir: str, *, out_dir: str | None = None, command
     try:
       train.train(config, ref.workdir)
     except train.TrainingError as e:
-      print(f"[{i + 1}/{len(runs)}] {name}: stopped: {e}", flush=True)
+      if not os.path.exists(os.path.join(ref.workdir, "config.json")):  # refused before it started
+        raise StudyError(f"run {name} cannot start: {e}") from e
+      print(f"[{i + 1}/{len(runs)}] {name}: stopped: {e}", flush=True)  # a NaN loss: the run diverged
       with open(os.path.join(ref.workdir, report.FAILED), "w") as f:
         json.dump({"error": str(e)}, f)
   path = report.write_report(study, [ref for ref, _ in runs], out_dir or workdir, command)
@@ -211,7 +213,7 @@ def load_study(path: str) -> Study:
     raise StudyError(f"{path} defines no get_study(); a study file returns a moa_jax.study.Study from it")
   study = module.get_study()
   if not study.description and module.__doc__:
-    study = dataclasses.replace(study, description=module.__doc__.strip().split("\n\n")[0])
+    study = dataclasses.replace(study, description=module.__doc__.strip())
   return study
 
 

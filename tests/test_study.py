@@ -95,7 +95,7 @@ def test_tiny_study_end_to_end(data_cache, tmp_path, monkeypatch):
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   text = open(os.path.join(workdir, "report.md")).read()
   assert "python -m moa_jax.study" in text and "4 of 4 finished" in text
-  for png in ("loss.png", "eval_loss.png", "gates.png"):
+  for png in ("loss.png", "eval_loss.png", "loss_difference.png", "gates.png"):
     with open(os.path.join(workdir, png), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(os.path.join(workdir, png)) > 10_000, png
     assert f"]({png})" in text
@@ -113,6 +113,8 @@ def test_tiny_study_end_to_end(data_cache, tmp_path, monkeypatch):
   diff = (loss["bimoa", 0] - loss["swiglu", 0] + loss["bimoa", 1] - loss["swiglu", 1]) / 2
   assert bimoa[2].startswith(f"{diff:+.4f} ± ")
   assert float(swiglu[5][:-1]) < float(bimoa[5][:-1])  # params, in k: bi-MoA adds its gates
+  assert f"| bimoa | {loss['bimoa', 0]:.4f} | {loss['bimoa', 1]:.4f} |" in text  # the per-seed table
+  assert "Each `debug` run: 8 steps × 8 sequences × 64 tokens = 4.1k tokens" in text
 
   # A rerun trains nothing (here in-process, with train.train replaced by a tripwire).
   study_py = str(tmp_path / "tiny.py")
@@ -201,7 +203,7 @@ def test_lr_sweep_with_divergence_and_scaling_fit(tmp_path, monkeypatch):
   monkeypatch.setattr(train, "train", _fake_train(final_loss))
   path = study.run_study(s, str(tmp_path))
   text = open(path).read()
-  for png in ("loss.png", "eval_loss.png", "lr_sensitivity.png", "scaling.png", "gates.png"):
+  for png in ("loss.png", "eval_loss.png", "loss_difference.png", "lr_sensitivity.png", "scaling.png", "gates.png"):
     assert os.path.getsize(tmp_path / png) > 10_000, png
   assert "23 of 24 finished" in text
   rows = [[c.strip() for c in l.strip("|").split("|")] for l in text.splitlines() if l.startswith("| `moa` |")]
@@ -213,11 +215,19 @@ def test_lr_sweep_with_divergence_and_scaling_fit(tmp_path, monkeypatch):
   assert debug_1x[4] == "-0.0400 ± 0.0248 *"  # -0.03, -0.04, -0.05: s = 0.01, half-width 0.024841
   assert "## Scaling fit" in text and "| `swiglu lr 1×` | 2 |" in text
   assert "debug-moa-lr2x-s2`: diverged: loss is nan at step 7" in text
+  assert "| moa debug lr 2× | 4.9700 | 4.9610 | diverged |" in text  # per seed: 5 - 0.03, 5 - 0.04 + 0.001
   assert os.path.exists(tmp_path / "runs" / "debug-moa-lr2x-s2" / report.FAILED)
 
   # The diverged run is not retried on the next call.
   monkeypatch.setattr(train, "train", lambda *a: pytest.fail("trained again"))
   study.run_study(s, str(tmp_path))
+
+
+def test_a_run_refused_before_training_stops_the_study(tmp_path):
+  s = study.Study(name="t", sizes=("debug",), arms={"a": "swiglu"}, baseline="a", seeds=(0,), steps=5,
+                  overrides={"train.batch_size": 3, "mesh.data": 2})
+  with pytest.raises(study.StudyError, match="run debug-a-lr1x-s0 cannot start: .*mesh"):
+    study.run_study(s, str(tmp_path))
 
 
 # -------------------------------------------------------------------------------- flags and validation
