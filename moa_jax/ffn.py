@@ -103,6 +103,40 @@ def _onehot(spec: FFNSpec, name: str) -> Array:
   return jax.nn.one_hot(spec.activations.index(name), len(spec.activations))  # (K,)
 
 
+def mix_params(module: nn.Module, spec: FFNSpec, primary: str, d: int, dtype, experts: int = 0) -> dict:
+  """Creates one mixed branch's parameters on `module`: LA {"coef": (G, K)} or MoA
+  {"gate_kernel": (D, G, K), "gate_bias": (G, K)}, with a leading expert axis (E, ...) when experts > 0."""
+  g, k = spec.groups, len(spec.activations)
+  lead, lead_axes = ((experts,), ("experts",)) if experts else ((), ())
+  onehot = _onehot(spec, primary)
+  tiled = lambda row: lambda *_: jnp.tile(row, (*lead, g, 1))
+  if spec.mix == "la":
+    return {"coef": param(module, "coef", (*lead, g, k), (*lead_axes, "mix_groups", "activations"),
+                          tiled(onehot), dtype)}
+  out = {"gate_kernel": param(module, "gate_kernel", (*lead, d, g, k),
+                              (*lead_axes, "embed", "mix_groups", "activations"), nn.initializers.zeros, dtype)}
+  if spec.gate_bias:
+    margin = spec.gate_bias_init * (2 * onehot - 1 if spec.gate == "sigmoid" else onehot)
+    out["gate_bias"] = param(module, "gate_bias", (*lead, g, k), (*lead_axes, "mix_groups", "activations"),
+                             tiled(margin), dtype)
+  return out
+
+
+def gates(spec: FFNSpec, logits: Array, bias: Array | None = None) -> Array:
+  """MoA gates π = φ(logits [+ b]) in fp32; logits (..., G, K) = U x."""
+  return GATES[spec.gate](logits if bias is None else logits + bias)
+
+
+def mix_hidden(spec: FFNSpec, h: Array, u: Array | None, coef: Array | None = None,
+               coef_u: Array | None = None) -> Array:
+  """The FFN's hidden product: σ(h) [⊙ u] (fixed), or the LA / MoA mixture with coefficients `coef`
+  (and `coef_u` on the second branch when bi-sided). Works per token: h (..., F), coef (..., G, K)."""
+  if spec.mix == "fixed":
+    return activations.activate(h, spec.activations[0], u)
+  names_u = spec.activations if spec.bi_sided else None
+  return activations.mix_product(h, coef, spec.activations, u, coef_u, names_u, impl=spec.impl)
+
+
 class Mixer(nn.Module):
   """Coefficients of one mixed branch: LA (G, K) or MoA per-token gates (B, T, G, K), fp32."""
   spec: FFNSpec
@@ -111,24 +145,14 @@ class Mixer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:  # x: (B, T, D)
-    s, g, k = self.spec, self.spec.groups, len(self.spec.activations)
-    onehot = _onehot(s, self.primary)
-    if s.mix == "la":
-      coef = param(self, "coef", (g, k), ("mix_groups", "activations"),
-                   lambda *_: jnp.tile(onehot, (g, 1)), self.param_dtype)
-      self.sow("intermediates", "mix_mean", jnp.mean(coef, axis=0))
-      return coef
-    u = param(self, "gate_kernel", (x.shape[-1], g, k), ("embed", "mix_groups", "activations"),
-              nn.initializers.zeros, self.param_dtype)
-    logits = jnp.einsum("BTD,DGK->BTGK", x, u.astype(x.dtype), preferred_element_type=jnp.float32)
-    if s.gate_bias:
-      margin = s.gate_bias_init * (2 * onehot - 1 if s.gate == "sigmoid" else onehot)
-      b = param(self, "gate_bias", (g, k), ("mix_groups", "activations"),
-                lambda *_: jnp.tile(margin, (g, 1)), self.param_dtype)
-      logits = logits + b
-    gates = GATES[s.gate](logits)  # (B, T, G, K)
-    self.sow("intermediates", "mix_mean", jnp.mean(gates, axis=(0, 1, 2)))
-    return gates
+    p = mix_params(self, self.spec, self.primary, x.shape[-1], self.param_dtype)
+    if self.spec.mix == "la":
+      self.sow("intermediates", "mix_mean", jnp.mean(p["coef"], axis=0))
+      return p["coef"]
+    logits = jnp.einsum("BTD,DGK->BTGK", x, p["gate_kernel"].astype(x.dtype), preferred_element_type=jnp.float32)
+    g = gates(self.spec, logits, p.get("gate_bias"))  # (B, T, G, K)
+    self.sow("intermediates", "mix_mean", jnp.mean(g, axis=(0, 1, 2)))
+    return g
 
 
 class FFN(nn.Module):
@@ -148,12 +172,10 @@ class FFN(nn.Module):
     if s.type == "glu":
       w2 = param(self, "w2", (d, f), ("embed", "mlp"), dense_init(d), self.param_dtype)
       u = jnp.einsum("BTD,DF->BTF", x, w2.astype(self.dtype))
-    if s.mix == "fixed":
-      y = activations.activate(h, s.activations[0], u)
-    else:
+    coef = coef_u = None
+    if s.mix != "fixed":
       coef = Mixer(s, s.primary, self.param_dtype, name="mix")(x)
       coef_u = Mixer(s, s.primary_u, self.param_dtype, name="mix_u")(x) if s.bi_sided else None
-      names_u = s.activations if s.bi_sided else None
-      y = activations.mix_product(h, coef, s.activations, u, coef_u, names_u, impl=s.impl)
+    y = mix_hidden(s, h, u, coef, coef_u)
     w3 = param(self, "w3", (f, d), ("mlp", "embed"), dense_init(f, self.out_scale), self.param_dtype)
     return jnp.einsum("BTF,FD->BTD", y, w3.astype(self.dtype))
