@@ -36,6 +36,26 @@ def mix_record(intermediates, names: tuple[str, ...]) -> dict:
   return out
 
 
+def moe_record(intermediates) -> dict:
+  """Sown `moe_stats` -> expert_load_max / expert_load_min (fraction of assignments, one entry per MoE
+  layer) and dropped_fraction (capacity path: mean over MoE layers). {} for a dense model."""
+  loads, dropped = [], []
+  for path, value in jax.tree_util.tree_leaves_with_path(intermediates):
+    keys = [str(getattr(k, "key", "")) for k in path]
+    if "moe_stats" in keys and keys[-1] == "load":
+      loads.append(np.asarray(value).reshape(-1, np.shape(value)[-1]))  # (MoE layers, E)
+    elif "moe_stats" in keys and keys[-1] == "dropped":
+      dropped.append(np.asarray(value).reshape(-1))
+  if not loads:
+    return {}
+  load = np.concatenate(loads)
+  out = {"expert_load_max": [round(float(v), 5) for v in load.max(axis=1)],
+         "expert_load_min": [round(float(v), 5) for v in load.min(axis=1)]}
+  if dropped:
+    out["dropped_fraction"] = float(np.mean(np.concatenate(dropped)))
+  return out
+
+
 def _finite(x):
   return x if x is None or math.isfinite(x) else None
 

@@ -2,7 +2,8 @@
 
 `lm_config(size="1.3b", ffn="bimoa")` returns the ml_collections.ConfigDict every entry point reads
 (`configs/*.py` are thin wrappers). Fixed, LA and MoA variants of one size share every matmul shape:
-they differ only by the mixing coefficients / gate parameters.
+they differ only by the mixing coefficients / gate parameters. MoE sizes (`MOE_SIZES`, named by total
+and active parameters) make every layer an MoE whose experts are FFNs of the chosen variant.
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ SIZES = {
     "0.77b": (1536, 24, 12, 12, 32000, False, 256, 4e-4),
     "1.3b": (2048, 24, 16, 16, 32000, False, 256, 3e-4),
     "2b": (2560, 24, 20, 20, 32000, False, 256, 2.5e-4),
+}
+
+# MoE sizes, named by total and active parameters (vocab 32k): the dense columns above, then
+# (experts, top_k). Expert width = the dense GLU width (F ≈ 8/3·d); MoE in every layer.
+MOE_SIZES = {
+    "debug_moe": (64, 2, 4, 2, 512, True, 32, 3e-3, 8, 2),
+    "moe_0.25b_a0.09b": (512, 12, 8, 8, 32000, True, 256, 1e-3, 8, 2),
+    "moe_0.5b_a0.17b": (768, 12, 12, 12, 32000, True, 256, 8e-4, 8, 2),
+    "moe_1b_a0.3b": (1024, 13, 16, 16, 32000, True, 256, 6e-4, 8, 2),
+    "moe_2b_a0.6b": (1024, 26, 16, 16, 32000, False, 256, 4e-4, 8, 2),
 }
 
 _K7 = PAPER_DICTIONARY
@@ -73,9 +84,23 @@ def ffn_config(ffn: str, d_model: int, multiple: int) -> ml_collections.ConfigDi
   ))
 
 
+def moe_config(num_experts: int = 0, top_k: int = 2) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      num_experts=num_experts,                   # routed experts E (0: a dense model, the rest unused)
+      top_k=top_k,                               # experts per token (weights renormalised to sum to 1)
+      every=1,                                   # MoE in every N-th layer (1: all); n_layers % every == 0
+      router="softmax",                          # router scores: softmax | sigmoid
+      shared_experts=0,                          # always-on experts (one FFN of shared_experts × expert width)
+      d_ff_expert=0,                             # expert hidden width (0: model.ffn.d_ff); variant: model.ffn
+      path="dropless",                           # dropless (sort + ragged_dot) | capacity (einsum reference)
+      capacity_factor=1.25,                      # capacity path: slots per expert = ⌈factor·tokens·top_k/E⌉
+  ))
+
+
 def lm_config(size: str = "debug", ffn: str = "swiglu") -> ml_collections.ConfigDict:
-  d, layers, heads, kv_heads, vocab, tie, multiple, lr = _pick(SIZES, "size", size)
-  tiny = size in ("debug", "quickstart")
+  row = _pick({**SIZES, **MOE_SIZES}, "size", size)
+  d, layers, heads, kv_heads, vocab, tie, multiple, lr = row[:8]
+  tiny = size in ("debug", "quickstart", "debug_moe")
   from moa_jax.data import default_data_config  # the data group is owned by moa_jax.data
 
   c = ml_collections.ConfigDict()
@@ -96,6 +121,11 @@ def lm_config(size: str = "debug", ffn: str = "swiglu") -> ml_collections.Config
       attention_impl="auto",                     # auto | xla | cudnn (jax.nn.dot_product_attention)
   ))
   c.model.ffn = ffn_config(ffn, d, multiple)
+  c.model.moe = moe_config(*row[8:])
+  c.loss_weights = ml_collections.ConfigDict(dict(
+      aux_loss=0.01,                             # MoE load-balancing loss weight
+      z_loss=0.001,                              # MoE router z-loss weight
+  ))
   c.data = default_data_config()
   if tiny:
     c.data.max_bytes = 2_000_000 if size == "debug" else 12_000_000
@@ -114,9 +144,9 @@ def lm_config(size: str = "debug", ffn: str = "swiglu") -> ml_collections.Config
       clip_norm=1.0,                             # global gradient-norm clip (0: off)
   ))
   c.train = ml_collections.ConfigDict(dict(
-      steps=200 if size == "debug" else (600 if size == "quickstart" else 20_000),  # optimizer steps
-      batch_size=8 if size == "debug" else (16 if size == "quickstart" else 256),   # global sequences per step
-      seq_len=64 if size == "debug" else (256 if size == "quickstart" else 2048),   # tokens per sequence
+      steps=600 if size == "quickstart" else (200 if tiny else 20_000),           # optimizer steps
+      batch_size=16 if size == "quickstart" else (8 if tiny else 256),            # global sequences per step
+      seq_len=256 if size == "quickstart" else (64 if tiny else 2048),            # tokens per sequence
       log_every=10 if tiny else 50,              # steps between metric records
       eval_every=100 if tiny else 1000,          # steps between evaluations (0: only at the end)
       eval_batches=4 if tiny else 20,            # validation batches per evaluation
@@ -142,6 +172,7 @@ def from_string(arg: str | None) -> ml_collections.ConfigDict:
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
     if not sep or key not in ("size", "ffn"):
-      raise ValueError(f"config argument {item!r}; expected size=<{'|'.join(SIZES)}>,ffn=<{'|'.join(FFN_PRESETS)}>")
+      raise ValueError(f"config argument {item!r}; expected "
+                       f"size=<{'|'.join([*SIZES, *MOE_SIZES])}>,ffn=<{'|'.join(FFN_PRESETS)}>")
     kwargs[key] = value
   return lm_config(**kwargs)

@@ -90,6 +90,9 @@ def check_divisible(abstract_params, logical_specs, mesh: Mesh) -> None:
       axes = rules.get(name)
       axes = (axes,) if isinstance(axes, str) else (axes or ())
       size = math.prod(mesh.shape[a] for a in axes)
+      if dim % size and name == "experts":
+        raise ValueError(f"model.moe.num_experts = {dim} does not divide over mesh.expert = {size}; use a "
+                         "multiple of mesh.expert experts, or a mesh.expert that divides num_experts")
       if dim % size:
         raise ValueError(f"parameter {jax.tree_util.keystr(path)} has {name!r} dimension {dim}, which does not "
                          f"divide over mesh axes {axes} of size {size}; change the mesh or the model size")

@@ -29,7 +29,7 @@ from ml_collections import config_flags
 
 from moa_jax import checkpoint, optim, runtime, sharding, summary
 from moa_jax.data import make_datasets
-from moa_jax.metrics import MetricsWriter, mix_record, peak_flops
+from moa_jax.metrics import MetricsWriter, mix_record, moe_record, peak_flops
 from moa_jax.sample import generate
 from moa_jax.transformer import Decoder, model_spec
 
@@ -264,6 +264,7 @@ def train(config, workdir: str) -> dict:
           gates = mix_record(last["intermediates"], names)
           if gates:
             record["gates"] = gates
+          record.update(moe_record(last["intermediates"]))
           if c.eval_every and step % c.eval_every == 0 or step == c.steps:
             record["eval_loss"] = evaluate(run, eval_fn, state.params)
           writer.write(record)

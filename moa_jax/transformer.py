@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from moa_jax.attention import Attention
 from moa_jax.ffn import FFN, FFNSpec, param
+from moa_jax.moe import MoE, MoESpec
 
 Array = jax.Array
 
@@ -25,7 +26,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  """The `model` config group, validated. Sizes, dtypes and the FFN's spec."""
+  """The `model` config group, validated. Sizes, dtypes, the FFN's spec and the MoE's (if any)."""
   vocab_size: int
   d_model: int
   n_layers: int
@@ -40,6 +41,7 @@ class ModelSpec:
   param_dtype: str = "float32"
   remat: str = "save_dots_no_batch"
   attention_impl: str = "auto"
+  moe: MoESpec = MoESpec()
 
   def __post_init__(self):
     for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads"):
@@ -59,10 +61,23 @@ class ModelSpec:
       raise ValueError(f"model.remat = {self.remat!r}; allowed: {', '.join(REMAT_POLICIES)}")
     if self.attention_impl not in ("auto", "xla", "cudnn"):
       raise ValueError(f"model.attention_impl = {self.attention_impl!r}; allowed: auto, xla, cudnn")
+    if self.moe.num_experts:
+      if self.n_layers % self.moe.every:
+        raise ValueError(f"model.n_layers = {self.n_layers} is not a multiple of model.moe.every = "
+                         f"{self.moe.every}; MoE layers come every `every` layers")
+      width = self.moe.d_ff_expert or self.ffn.d_ff
+      if width % self.ffn.groups:
+        raise ValueError(f"model.ffn.groups = {self.ffn.groups} must divide the expert width "
+                         f"model.moe.d_ff_expert = {width}")
 
   @property
   def resolved_head_dim(self) -> int:
     return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def expert_ffn(self) -> FFNSpec:
+    """One expert's FFN: model.ffn at the expert width."""
+    return dataclasses.replace(self.ffn, d_ff=self.moe.d_ff_expert or self.ffn.d_ff)
 
 
 class RMSNorm(nn.Module):
@@ -79,6 +94,7 @@ class RMSNorm(nn.Module):
 
 class Block(nn.Module):
   spec: ModelSpec
+  moe: bool = False  # an MoE layer in place of the FFN
 
   @nn.compact
   def __call__(self, x: Array, positions: Array):  # x: (B, T, D) in compute dtype
@@ -89,9 +105,24 @@ class Block(nn.Module):
                      None if s.attention_impl == "auto" else s.attention_impl, dtype, pdtype, out_scale,
                      name="attention")
     x = x + attn(RMSNorm(s.norm_eps, pdtype, name="attention_norm")(x), positions)
-    ffn = FFN(s.ffn, dtype, pdtype, out_scale, name="ffn")
+    if self.moe:
+      ffn = MoE(s.moe, s.expert_ffn, dtype, pdtype, out_scale, name="moe")
+    else:
+      ffn = FFN(s.ffn, dtype, pdtype, out_scale, name="ffn")
     x = x + ffn(RMSNorm(s.norm_eps, pdtype, name="ffn_norm")(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x, None
+
+
+class BlockGroup(nn.Module):
+  """model.moe.every consecutive blocks, the last one MoE: the scanned unit when every > 1."""
+  spec: ModelSpec
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array):
+    n = self.spec.moe.every
+    for i in range(n):
+      x, _ = Block(self.spec, moe=i == n - 1, name=f"block_{i}")(x, positions)
     return x, None
 
 
@@ -107,13 +138,17 @@ class Decoder(nn.Module):
                       nn.initializers.normal(0.02), pdtype)
     x = jnp.take(embedding, tokens, axis=0).astype(dtype)                   # (B, T, D)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    block = Block
+    # Scanned unit: one block (dense, or MoE in every layer), or a group of `every` blocks ending in MoE.
+    if s.moe.num_experts and s.moe.every > 1:
+      unit, length, args = BlockGroup, s.n_layers // s.moe.every, (s,)
+    else:
+      unit, length, args = Block, s.n_layers, (s, bool(s.moe.num_experts))
     if REMAT_POLICIES[s.remat] is not None:
-      block = nn.remat(Block, policy=REMAT_POLICIES[s.remat], prevent_cse=False)
-    layers = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
-                     in_axes=(nn.broadcast,), length=s.n_layers,
+      unit = nn.remat(unit, policy=REMAT_POLICIES[s.remat], prevent_cse=False)
+    layers = nn.scan(unit, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
+                     in_axes=(nn.broadcast,), length=length,
                      metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = layers(s, name="layers")(x, positions)
+    x, _ = layers(*args, name="layers")(x, positions)
     x = RMSNorm(s.norm_eps, pdtype, name="final_norm")(x)
     if s.tie_embeddings:
       return jnp.einsum("BTD,VD->BTV", x, embedding.astype(dtype), preferred_element_type=jnp.float32)
@@ -125,13 +160,19 @@ class Decoder(nn.Module):
 def model_spec(model_config) -> ModelSpec:
   """Validates the `model` config group (an ml_collections ConfigDict) into a ModelSpec."""
   c = model_config
-  ffn = FFNSpec(**{f.name: _tuple(c.ffn[f.name]) for f in dataclasses.fields(FFNSpec) if f.name in c.ffn})
-  unknown = set(c.ffn) - {f.name for f in dataclasses.fields(FFNSpec)}
+  groups = {"ffn": _group(c.ffn, "ffn", FFNSpec)}
+  if "moe" in c:  # configs without the group are dense
+    groups["moe"] = _group(c.moe, "moe", MoESpec)
+  fields = {f.name for f in dataclasses.fields(ModelSpec)} - {"ffn", "moe"}
+  return ModelSpec(**groups, **{k: _tuple(c[k]) for k in fields if k in c})
+
+
+def _group(c, name: str, cls):
+  known = [f.name for f in dataclasses.fields(cls)]
+  unknown = set(c) - set(known)
   if unknown:
-    raise ValueError(f"model.ffn has unknown fields {sorted(unknown)}; known: "
-                     f"{', '.join(f.name for f in dataclasses.fields(FFNSpec))}")
-  fields = {f.name for f in dataclasses.fields(ModelSpec)} - {"ffn"}
-  return ModelSpec(ffn=ffn, **{k: _tuple(c[k]) for k in fields if k in c})
+    raise ValueError(f"model.{name} has unknown fields {sorted(unknown)}; known: {', '.join(known)}")
+  return cls(**{k: _tuple(c[k]) for k in known if k in c})
 
 
 def _tuple(v):

@@ -1,0 +1,18 @@
+"""2B-total / 0.6B-active MoE decoder: 8 bi-MoA-7 experts per layer, top-2 (softmax router), dropless.
+
+Run (one H200, or shard experts over devices with --config.mesh.expert=N, N dividing 8):
+  python -m moa_jax.train --config=configs/moe_moa_2b.py --workdir=gs://bucket/moe_moa_2b
+  python -m moa_jax.train --config=configs/moe_moa_2b.py --config.mesh.expert=8 --workdir=...
+  python -m moa_jax.summary --config=configs/moe_moa_2b.py
+Expect: 1.98B parameters, 0.63B active per token (3.0M of them expert gates: every expert has its own),
+4.2 GFLOP per training token at T=2048; the same matmul shapes as configs/moe_swiglu_2b.py, so the two
+compare at equal compute (SPEC §1: the MoA gain persists in 0.25B–2B MoE models). metrics.jsonl adds
+aux_loss (≈ 1 per MoE layer when balanced, summed over the 26 layers), z_loss and per-layer
+expert_load_max / expert_load_min (0.125 when balanced).
+"""
+
+from moa_jax import presets
+
+
+def get_config():
+  return presets.lm_config(size="moe_2b_a0.6b", ffn="bimoa")
