@@ -2,9 +2,10 @@
 
 Run (one GPU, ~21 runs of a few minutes each):
   python -m moa_jax.study experiments/activation_baselines.py --workdir=runs/activation_baselines
-On a CPU (debug model, ~10 minutes):
+On a CPU (debug model, ~5 minutes):
   python -m moa_jax.study experiments/activation_baselines.py --workdir=/tmp/act --study.sizes=debug \
-      --study.steps=300 --study.seeds=0,1 --config.data.max_bytes=2000000
+      --study.steps=300 --study.seeds=0,1 --config.train.batch_size=8 --config.train.seq_len=64 \
+      --config.data.max_bytes=2000000
 Compares: every fixed FFN of the quickstart size (~10M parameters; all variants have equal matmul
 parameters: F = 4d for MLPs, F ≈ 8/3·d for GLUs), 2000 steps × 4096 tokens ≈ one pass over the whole
 stdlib corpus, seeds 0-2, each against the GELU MLP (SPEC's Type-I baseline).
@@ -31,6 +32,8 @@ def get_study() -> Study:
       baseline="gelu_mlp",
       seeds=(0, 1, 2),
       steps=2000,
-      overrides={"data.max_bytes": 0, "train.eval_every": 500, "train.eval_batches": 32,
-                 "train.sample_every": 0, "checkpoint.every": 1000},
+      # Pinned here, not taken from the preset: 2000 × 16 × 256 = 8.2M tokens, about one pass over the
+      # whole stdlib corpus; eval on 32 × 16 × 256 = 131k held-out tokens.
+      overrides={"train.batch_size": 16, "train.seq_len": 256, "data.max_bytes": 0, "train.eval_every": 500,
+                 "train.eval_batches": 32, "train.sample_every": 0, "checkpoint.every": 1000},
   )

@@ -4,9 +4,10 @@ Run (one GPU, 36 runs of a few minutes each):
   python -m moa_jax.study experiments/lr_sensitivity.py --workdir=runs/lr_sensitivity
 Wider sweep, to find where each arm diverges:
   python -m moa_jax.study experiments/lr_sensitivity.py --workdir=runs/lr_wide --study.lr_multipliers=0.5,1,2,4,8
-On a CPU (debug model, ~12 minutes):
+On a CPU (debug model, ~10 minutes):
   python -m moa_jax.study experiments/lr_sensitivity.py --workdir=/tmp/lr --study.sizes=debug \
-      --study.steps=300 --study.seeds=0,1 --config.data.max_bytes=2000000
+      --study.steps=300 --study.seeds=0,1 --config.train.batch_size=8 --config.train.seq_len=64 \
+      --config.data.max_bytes=2000000
 Compares: SwiGLU, the GELU MLP and bi-MoA-7 at quickstart size (base lr 2e-3, cosine with warmup),
 2000 steps, seeds 0-2; at each multiplier the paired difference is against SwiGLU at that multiplier.
 A run whose loss turns NaN is reported as diverged (a cross in lr_sensitivity.png), not retried.
@@ -26,6 +27,8 @@ def get_study() -> Study:
       seeds=(0, 1, 2),
       steps=2000,
       lr_multipliers=(0.5, 1.0, 1.5, 2.0),
-      overrides={"data.max_bytes": 0, "train.eval_every": 500, "train.eval_batches": 32,
-                 "train.sample_every": 0, "checkpoint.every": 1000},
+      # Pinned here, not taken from the preset: 2000 × 16 × 256 = 8.2M tokens, about one pass over the
+      # whole stdlib corpus; eval on 32 × 16 × 256 = 131k held-out tokens.
+      overrides={"train.batch_size": 16, "train.seq_len": 256, "data.max_bytes": 0, "train.eval_every": 500,
+                 "train.eval_batches": 32, "train.sample_every": 0, "checkpoint.every": 1000},
   )

@@ -5,9 +5,10 @@ Run (one GPU, 24 runs of a few minutes each):
 Larger (0.12B, ~45 min per run on an H200; give it a corpus larger than the stdlib's ~9M tokens):
   python -m moa_jax.study experiments/mixing_variants.py --workdir=runs/mixing_0.12b --study.sizes=0.12b \
       --study.steps=2000 --config.data.source='jsonl:/data/*.jsonl'
-On a CPU (debug model, ~15 minutes):
+On a CPU (debug model, ~5 minutes):
   python -m moa_jax.study experiments/mixing_variants.py --workdir=/tmp/mix --study.sizes=debug \
-      --study.steps=300 --study.seeds=0,1 --config.data.max_bytes=2000000
+      --study.steps=300 --study.seeds=0,1 --config.train.batch_size=8 --config.train.seq_len=64 \
+      --config.data.max_bytes=2000000
 Compares, at equal matmul parameters, with seeds 0-2 paired against SwiGLU:
   Type-I:  GELU MLP, LA-7 MLP, MoA-7 MLP
   Type-II: SwiGLU, one-sided LA-7 and MoA-7 (mix σ(W1x) only), bi-LA-7 and bi-MoA-7 (mix both branches)
@@ -36,6 +37,8 @@ def get_study() -> Study:
       baseline="swiglu",
       seeds=(0, 1, 2),
       steps=2000,
-      overrides={"data.max_bytes": 0, "train.eval_every": 500, "train.eval_batches": 32,
-                 "train.sample_every": 0, "checkpoint.every": 1000},
+      # Pinned here, not taken from the preset: 2000 × 16 × 256 = 8.2M tokens, about one pass over the
+      # whole stdlib corpus; eval on 32 × 16 × 256 = 131k held-out tokens.
+      overrides={"train.batch_size": 16, "train.seq_len": 256, "data.max_bytes": 0, "train.eval_every": 500,
+                 "train.eval_batches": 32, "train.sample_every": 0, "checkpoint.every": 1000},
   )

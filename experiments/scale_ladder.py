@@ -7,9 +7,11 @@ Run (the 2B rung alone reads 41B tokens; the stdlib default holds ~9M, so pass y
 One GPU, the first rungs only (0.12B: 2.2B tokens, ~1.5 h per run on an H200 at ~40% MFU):
   python -m moa_jax.study experiments/scale_ladder.py --workdir=runs/ladder_small --study.sizes=0.12b,0.35b \
       --config.data.source='jsonl:/data/*.jsonl'
-On a CPU (the two tiny sizes on one 8192-token vocabulary, 1 token per parameter, ~15 minutes):
+A CPU has no ladder to climb: debug and quickstart are the only sizes it trains, and quickstart runs at
+~10 s per step on 2 cores. This exercises the code path (two badly undertrained points, ~20 minutes):
   python -m moa_jax.study experiments/scale_ladder.py --workdir=/tmp/ladder --study.sizes=debug,quickstart \
-      --study.tokens_per_param=1 --config.model.vocab_size=8192 --config.data.max_bytes=12000000
+      --study.tokens_per_param=0.02 --config.model.vocab_size=8192 --config.train.batch_size=8 \
+      --config.train.seq_len=64 --config.data.max_bytes=2000000
 Steps per run: ceil(tokens_per_param × parameters / tokens per step), parameters counted with the
 embeddings and without the mixing gates (so both arms of a size see the same tokens). Compute
 C = training FLOPs per token (6·matmul parameters + attention, moa_jax.summary) × tokens.

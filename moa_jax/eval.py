@@ -35,7 +35,8 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, batches: int | No
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description="Held-out loss and perplexity of a run's checkpoint.")
+  parser = argparse.ArgumentParser(
+      prog="python -m moa_jax.eval", description="Held-out loss and perplexity of a run's checkpoint.")
   parser.add_argument("--workdir", required=True, help="a directory written by moa_jax.train")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
   parser.add_argument("--batches", type=int, default=None,

@@ -219,7 +219,8 @@ def run_curve(records: list[dict], metric: str, x: str = "tokens") -> SeedCurve:
 def main(argv: list[str] | None = None) -> None:
   from moa_jax import rundir
 
-  parser = argparse.ArgumentParser(description="Loss curves of one or more runs, one colour per run.")
+  parser = argparse.ArgumentParser(
+      prog="python -m moa_jax.plot", description="Loss curves of one or more runs, one colour per run.")
   parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="directories written by moa_jax.train")
   parser.add_argument("--out", required=True, help="PNG file to write")
   parser.add_argument("--metric", default="loss", help="loss | lm_loss | eval_loss | grad_norm | ...")

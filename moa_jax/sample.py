@@ -70,7 +70,8 @@ def sample_text(workdir: str, prompt: str, *, max_new_tokens: int = 128, tempera
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description="Generate text from a run's checkpoint.")
+  parser = argparse.ArgumentParser(
+      prog="python -m moa_jax.sample", description="Generate text from a run's checkpoint.")
   parser.add_argument("--workdir", required=True, help="a directory written by moa_jax.train")
   parser.add_argument("--prompt", required=True, help="text to continue")
   parser.add_argument("--max_new_tokens", type=int, default=128)

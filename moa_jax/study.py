@@ -1,8 +1,13 @@
 """Ablation studies: arms × sizes × learning-rate multipliers × seeds, run one at a time, then a report.
 
     python -m moa_jax.study experiments/mixing_variants.py --workdir=runs/mixing
-    python -m moa_jax.study experiments/mixing_variants.py --workdir=/tmp/mix --study.sizes=debug --study.steps=300
-    python -m moa_jax.study experiments/lr_sensitivity.py --workdir=runs/lr --report_only
+    python -m moa_jax.study experiments/gate_nonlinearity.py --workdir=/tmp/g --study.sizes=debug --study.steps=300 \
+        --study.seeds=0,1 --config.train.batch_size=8 --config.train.seq_len=64
+    python -m moa_jax.study experiments/lr_sensitivity.py --workdir=runs/lr --report_only --out=reports/lr
+
+The report (WORKDIR/report.md, or --out=DIR) tabulates each arm's final eval loss (mean ± 95% CI over
+seeds) and its paired difference from the baseline arm, and draws loss curves, the paired differences,
+LR-sensitivity curves, a scaling fit and gate heatmaps as they apply (moa_jax/report.py).
 
 A study file defines `get_study() -> Study`. Each run is `presets.lm_config(size, arm.ffn)` with the
 study's overrides, then the arm's, then steps, lr × multiplier and `train.seed = seed`. `train.seed`
@@ -276,8 +281,9 @@ def _use_compilation_cache(directory: str | None, workdir: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else argv
-  parser = argparse.ArgumentParser(description="Run a study (experiments/*.py) and write its report.",
-                                   epilog="Also: --study.FIELD=VALUE, --config.PATH=VALUE (see the module docstring).")
+  parser = argparse.ArgumentParser(
+      prog="python -m moa_jax.study", description="Run a study (experiments/*.py) and write its report.",
+      epilog="Also: --study.FIELD=VALUE, --config.PATH=VALUE (see the module docstring).")
   parser.add_argument("study_file", help="experiments/<name>.py defining get_study()")
   parser.add_argument("--workdir", required=True, help="the study directory: runs/ and the report")
   parser.add_argument("--out", default=None, help="where report.md and the PNGs go (default: --workdir)")
