@@ -115,7 +115,7 @@ def lm_config(size: str = "debug", ffn: str = "swiglu") -> ml_collections.Config
       rope_theta=10_000.0,                       # RoPE base
       norm_eps=1e-6,                             # RMSNorm epsilon
       tie_embeddings=tie,                        # share input embedding and output projection
-      dtype="bfloat16",                          # compute dtype
+      dtype="float32" if tiny else "bfloat16",   # compute dtype (XLA:CPU has no fast bf16 matmul)
       param_dtype="float32",                     # parameter (and optimizer state) dtype
       remat="save_dots_no_batch",                # remat policy: none | full | save_dots | save_dots_no_batch
       attention_impl="auto",                     # auto | xla | cudnn (jax.nn.dot_product_attention)
@@ -128,7 +128,7 @@ def lm_config(size: str = "debug", ffn: str = "swiglu") -> ml_collections.Config
   ))
   c.data = default_data_config()
   if tiny:
-    c.data.max_bytes = 2_000_000 if size == "debug" else 12_000_000
+    c.data.max_bytes = 0 if size == "quickstart" else 2_000_000  # debug sizes read a 2 MB slice
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw",                              # adamw | muon (muon for matrices, adamw for the rest)
       lr=lr,                                     # peak learning rate
@@ -144,13 +144,13 @@ def lm_config(size: str = "debug", ffn: str = "swiglu") -> ml_collections.Config
       clip_norm=1.0,                             # global gradient-norm clip (0: off)
   ))
   c.train = ml_collections.ConfigDict(dict(
-      steps=600 if size == "quickstart" else (200 if tiny else 20_000),           # optimizer steps
-      batch_size=16 if size == "quickstart" else (8 if tiny else 256),            # global sequences per step
+      steps=300 if size == "quickstart" else (200 if tiny else 20_000),           # optimizer steps
+      batch_size=8 if tiny else 256,                                              # global sequences per step
       seq_len=256 if size == "quickstart" else (64 if tiny else 2048),            # tokens per sequence
       log_every=10 if tiny else 50,              # steps between metric records
       eval_every=100 if tiny else 1000,          # steps between evaluations (0: only at the end)
       eval_batches=4 if tiny else 20,            # validation batches per evaluation
-      sample_every=200 if tiny else 0,           # steps between printed samples (0: never)
+      sample_every=100 if tiny else 0,           # steps between printed samples (0: never)
       seed=0,                                    # parameter init and data order
   ))
   c.mesh = ml_collections.ConfigDict(dict(
