@@ -32,7 +32,7 @@ tar -C "$repo" --exclude=.venv --exclude=.git --exclude=runs -czf /tmp/moa_jax.t
 "${tpu[@]}" ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
   set -e; mkdir -p ~/moa_jax && tar -C ~/moa_jax -xzf ~/moa_jax.tgz && cd ~/moa_jax
   [ -d .venv ] || python3 -m venv .venv
-  . .venv/bin/activate && pip install -q -e . 'jax[tpu]'"
+  . .venv/bin/activate && pip install -q -e . 'jax[tpu]' gcsfs"
 
 # Every host prepares the same corpus and tokenizer (deterministic) in its local cache, then trains.
 args=$(printf ' %q' "$@")

@@ -60,23 +60,51 @@ def _finite(x):
   return x if x is None or math.isfinite(x) else None
 
 
-def _truncate_after(path: str, step: int) -> None:
-  """A resumed run recomputes the steps after its checkpoint: drop their old records (atomically)."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.readlines()
+def _is_remote(path: str) -> bool:
+  return "://" in path
+
+
+def _kept_lines(text: str, step: int) -> list[str]:
+  """Records up to `step` (a resumed run recomputes the rest); a line cut short by a crash is dropped."""
   keep = []
-  for line in lines:
+  for line in text.splitlines(keepends=True):
     try:
       if json.loads(line)["step"] <= step:
-        keep.append(line)
-    except (ValueError, KeyError):  # a line cut short by a crash mid-write
+        keep.append(line if line.endswith("\n") else line + "\n")
+    except (ValueError, KeyError):
       continue
-  if len(keep) != len(lines):
-    with open(path + ".tmp", "w") as f:
-      f.writelines(keep)
-    os.replace(path + ".tmp", path)
+  return keep
+
+
+class _Jsonl:
+  """Append-only JSON lines. Local files are appended to; object stores (gs://, via etils.epath), which
+  cannot append, get the whole file rewritten on each record (records are few: one per log step)."""
+
+  def __init__(self, path: str, start_step: int):
+    from etils import epath
+    self._path = epath.Path(path)
+    text = self._path.read_text() if self._path.exists() else ""
+    self._lines = _kept_lines(text, start_step)
+    if "".join(self._lines) != text:
+      if _is_remote(path):  # an object write replaces the whole object at once
+        self._path.write_text("".join(self._lines))
+      else:
+        with open(path + ".tmp", "w") as f:
+          f.writelines(self._lines)
+        os.replace(path + ".tmp", path)
+    self._file = open(path, "a") if not _is_remote(path) else None
+
+  def append(self, line: str) -> None:
+    if self._file is not None:
+      self._file.write(line)
+      self._file.flush()
+    else:
+      self._lines.append(line)
+      self._path.write_text("".join(self._lines))
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
 
 
 class MetricsWriter:
@@ -85,14 +113,13 @@ class MetricsWriter:
     self._bar = self._jsonl = self._tb = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "metrics.jsonl")
-    _truncate_after(path, start_step)
-    self._jsonl = open(path, "a")
+    from etils import epath
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    self._jsonl = _Jsonl(os.path.join(workdir, "metrics.jsonl"), start_step)
     try:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-    except ImportError:
+    except Exception:  # tensorboardX missing, or it cannot write to this filesystem
       self._tb = None
     from tqdm.auto import tqdm
     self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, smoothing=0.1)
@@ -102,8 +129,7 @@ class MetricsWriter:
     if not self.enabled:
       return
     record = {k: (_finite(v) if isinstance(v, float) else v) for k, v in record.items()}
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    self._jsonl.append(json.dumps(record) + "\n")
     if self._tb is not None:
       for key, value in record.items():
         if isinstance(value, (int, float)) and key != "step" and value is not None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from typing import Any
 
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags, logging
+from etils import epath
 from flax.core import meta
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
@@ -204,10 +204,9 @@ def train(config, workdir: str) -> dict:
   except ValueError as e:  # config validation: already a message naming the field and the fix
     raise TrainingError(str(e)) from e
   main_process = jax.process_index() == 0
-  if main_process:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  if main_process:  # epath: a local directory or an object store (gs://)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
   ckpt = checkpoint.Checkpoints(workdir, config.checkpoint.every, config.checkpoint.keep)
   data_iter = run.data.train_iter()
   state = restore_or_init(run, ckpt, data_iter)
