@@ -144,13 +144,13 @@ def lm_config(size: str = "debug", ffn: str = "swiglu") -> ml_collections.Config
       clip_norm=1.0,                             # global gradient-norm clip (0: off)
   ))
   c.train = ml_collections.ConfigDict(dict(
-      steps=300 if size == "quickstart" else (200 if tiny else 20_000),           # optimizer steps
+      steps=200 if tiny else 20_000,                                              # optimizer steps
       batch_size=8 if tiny else 256,                                              # global sequences per step
       seq_len=256 if size == "quickstart" else (64 if tiny else 2048),            # tokens per sequence
       log_every=10 if tiny else 50,              # steps between metric records
       eval_every=100 if tiny else 1000,          # steps between evaluations (0: only at the end)
       eval_batches=4 if tiny else 20,            # validation batches per evaluation
-      sample_every=100 if tiny else 0,           # steps between printed samples (0: never)
+      sample_every=50 if size == "quickstart" else (100 if tiny else 0),  # steps between samples (0: never)
       seed=0,                                    # parameter init and data order
   ))
   c.mesh = ml_collections.ConfigDict(dict(

@@ -12,8 +12,9 @@ A spec without a known prefix is a path pattern whose kind is inferred from its 
 
 The stdlib corpus (~31 MB on CPython 3.11: ~12 MB of modules, ~19 MB of `test/` packages) keeps the
 test packages: they are real Python, and without them the corpus is too small to train on. It
-skips `site-packages` / `dist-packages` (installed third-party code, which varies by machine) and
-the few files that are not UTF-8 (CPython's deliberate source-encoding tests).
+skips `site-packages` / `dist-packages` (installed third-party code, which varies by machine),
+`encodings/` (generated codec tables) and the few files that are not UTF-8 (CPython's deliberate
+source-encoding tests).
 
 Split. Every document has a stable key: the file's path relative to the source root, plus
 `:<row>` for JSONL / Parquet records. A document is in validation when
@@ -35,7 +36,10 @@ import sysconfig
 from typing import Callable, Iterator, NamedTuple
 
 SPLITS = ("train", "val")
-_SKIPPED_STDLIB_DIRS = ("site-packages", "dist-packages")
+# Installed third-party code (varies by machine), and encodings/: 1.5 MB of generated 256-entry codec
+# tables ("0x00c0: 0x0410,  # CYRILLIC CAPITAL LETTER A") that a small model learns first and then
+# writes back in every sample.
+_SKIPPED_STDLIB_DIRS = ("site-packages", "dist-packages", "encodings")
 _PATTERN_KINDS = ("glob", "jsonl", "parquet")
 _FORMS = "'stdlib', 'glob:PATTERN', 'jsonl:PATTERN' or 'parquet:PATTERN'"
 

@@ -34,7 +34,7 @@ import tqdm
 from moa_jax.data import corpus
 from moa_jax.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
-VERSION = 1
+VERSION = 2  # 2: the stdlib corpus leaves out encodings/
 _ENCODE_CHUNK_BYTES = 2**20  # text per encode_batch call: big enough to use every core
 
 
