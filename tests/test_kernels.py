@@ -251,9 +251,14 @@ def test_triton_lowering():
   """Forward and backward lower to Triton IR for CUDA (PTX compilation needs a GPU)."""
   loss_fn, args = _lowering_args()
   triton_call = "__gpu$xla.gpu.triton"
-  exported = jax.export.export(
-      loss_fn("gpu"), platforms=("cuda",),
-      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton_call)])(*args)
+  try:
+    exported = jax.export.export(
+        loss_fn("gpu"), platforms=("cuda",),
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton_call)])(*args)
+  except RuntimeError as e:  # jax >= 0.12 reads the GPU's compute capability while lowering Triton
+    if "No supported GPU devices found" not in str(e):
+      raise
+    pytest.skip(f"this jax ({jax.__version__}) lowers Triton only with a GPU present")
   assert exported.mlir_module().count(f"stablehlo.custom_call @{triton_call}") == 2
 
 
