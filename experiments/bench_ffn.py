@@ -20,8 +20,6 @@ import functools
 import json
 import math
 import os
-import statistics
-import time
 import traceback
 
 import jax
@@ -30,6 +28,7 @@ import numpy as np
 
 from moa_jax import activations
 from moa_jax.kernels import mix
+from timing import fmt, median_ms, temp_mb  # experiments/timing.py, beside this script
 
 MOA = activations.PAPER_DICTIONARY  # the paper's seven functions, GELU in its tanh form
 
@@ -111,22 +110,6 @@ def train_step(fn, impl):
 # Measurement.
 
 
-def median_ms(fn, args, iters, warmup):
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
-
-
-def temp_mb(fn, args):
-  stats = fn.lower(*args).compile().memory_analysis()
-  return None if stats is None else stats.temp_size_in_bytes / 2**20
-
-
 def attempt(label, errors, thunk):
   """Runs thunk(); on failure prints and records the error and returns None."""
   try:
@@ -141,10 +124,6 @@ def attempt(label, errors, thunk):
 
 def ratio(a, b):
   return None if a is None or b in (None, 0) else a / b
-
-
-def fmt(v, spec=".3f"):
-  return "—" if v is None else format(v, spec)
 
 
 def bench_ffn(args, params, x, dy, errors, rows, save):

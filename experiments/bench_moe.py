@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 import traceback
 
 import jax
@@ -33,6 +31,7 @@ from flax.core import meta
 from moa_jax.activations import PAPER_DICTIONARY
 from moa_jax.ffn import FFN, FFNSpec
 from moa_jax.moe import MoE, MoESpec
+from timing import fmt, median_ms, temp_mb  # experiments/timing.py, beside this script
 
 EXPERTS = {  # expert FFN variants: fixed SwiGLU, one-sided MoA-7, bi-MoA-7 (the paper's best)
     "swiglu": dict(type="glu", mix="fixed", activations=("silu",), primary="silu"),
@@ -64,26 +63,6 @@ def step_fn(module):
     _, vjp = jax.vjp(f, params, x)
     return vjp(dy)
   return jax.jit(step)
-
-
-def median_ms(fn, args, iters, warmup):
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * statistics.median(times)
-
-
-def temp_mb(fn, args):
-  stats = fn.lower(*args).compile().memory_analysis()
-  return None if stats is None else stats.temp_size_in_bytes / 2**20
-
-
-def fmt(v, spec=".3f"):
-  return "—" if v is None else format(v, spec)
 
 
 def main():
