@@ -28,7 +28,7 @@ import numpy as np
 
 from moa_jax import activations
 from moa_jax.kernels import mix
-from timing import fmt, median_ms, temp_mb  # experiments/timing.py, beside this script
+from bench_timing import fmt, median_ms, temp_mb  # experiments/bench_timing.py, beside this script
 
 MOA = activations.PAPER_DICTIONARY  # the paper's seven functions, GELU in its tanh form
 

@@ -31,7 +31,7 @@ from flax.core import meta
 from moa_jax.activations import PAPER_DICTIONARY
 from moa_jax.ffn import FFN, FFNSpec
 from moa_jax.moe import MoE, MoESpec
-from timing import fmt, median_ms, temp_mb  # experiments/timing.py, beside this script
+from bench_timing import fmt, median_ms, temp_mb  # experiments/bench_timing.py, beside this script
 
 EXPERTS = {  # expert FFN variants: fixed SwiGLU, one-sided MoA-7, bi-MoA-7 (the paper's best)
     "swiglu": dict(type="glu", mix="fixed", activations=("silu",), primary="silu"),

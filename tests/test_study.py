@@ -273,7 +273,7 @@ def test_bad_studies_name_the_problem():
 
 
 STUDY_FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "experiments", "*.py"))
-                     if not os.path.basename(p).startswith("bench_"))  # bench_*.py: benchmark scripts
+                     if not os.path.basename(p).startswith("bench_"))  # bench_*.py: benchmarks and their helpers
 
 
 @pytest.mark.parametrize("path", STUDY_FILES, ids=os.path.basename)
