@@ -14,7 +14,6 @@ import os
 import signal
 
 import jax
-import numpy as np
 
 
 def _multi_host_environment() -> bool:
@@ -41,26 +40,30 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 class PreemptionGuard:
-  """Turns SIGTERM (TPU preemption notice, Slurm, `kill`) into a stop at the next step boundary.
+  """Turns SIGTERM (TPU preemption notice, Slurm, `kill`) into a stop at a step boundary.
 
-  `stop_requested()` is collective when there are several processes: all of them stop at the same
-  step if any one was signalled.
+  One process: a signal handler sets a flag, checked after each step. Several processes: JAX's
+  preemption sync manager (started by jax.distributed.initialize) catches the signal on any host and
+  agrees with the others, through the coordination service and without a device sync, on the step at
+  which all of them stop; `stop_requested(step)` is True on every process at that same step.
   """
 
   def __init__(self):
     self._signalled = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._previous = None
+    if jax.process_count() == 1:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     self._signalled = True
 
-  def stop_requested(self) -> bool:
+  def stop_requested(self, step: int) -> bool:
     if jax.process_count() == 1:
       return self._signalled
     from jax.experimental import multihost_utils
-    flags = multihost_utils.process_allgather(np.asarray(self._signalled, np.int32))
-    return bool(np.any(flags))
+    return multihost_utils.reached_preemption_sync_point(step)
 
   def close(self) -> None:
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)

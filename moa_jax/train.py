@@ -235,7 +235,7 @@ def train(config, workdir: str) -> dict:
         if step == start + 1:  # exclude compilation from the throughput
           jax.block_until_ready(metrics["loss"])
           t0, t_step = time.perf_counter(), step
-        preempted = guard.stop_requested()
+        preempted = guard.stop_requested(step)
         log_now = step % c.log_every == 0 or step == c.steps or preempted
         save_now = ckpt.due(step) or step == c.steps or preempted
         if not (log_now or save_now):
