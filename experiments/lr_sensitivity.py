@@ -15,7 +15,7 @@ Expect (paper: MoA tolerates 1.5-2× larger peak LRs): bi-MoA's curve flatter at
 best LR at or above SwiGLU's.
 """
 
-from moa_jax.study import Study
+from moa_jax.study import QUICKSTART_ONE_PASS, Study
 
 
 def get_study() -> Study:
@@ -27,8 +27,5 @@ def get_study() -> Study:
       seeds=(0, 1, 2),
       steps=2000,
       lr_multipliers=(0.5, 1.0, 1.5, 2.0),
-      # Pinned here, not taken from the preset: 2000 × 16 × 256 = 8.2M tokens, about one pass over the
-      # whole stdlib corpus; eval on 32 × 16 × 256 = 131k held-out tokens.
-      overrides={"train.batch_size": 16, "train.seq_len": 256, "data.max_bytes": 0, "train.eval_every": 500,
-                 "train.eval_batches": 32, "train.sample_every": 0, "checkpoint.every": 1000},
+      overrides=QUICKSTART_ONE_PASS,
   )

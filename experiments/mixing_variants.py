@@ -17,7 +17,7 @@ Expect (paper): MoA < LA < fixed in loss within each type, bi-MoA the best of al
 variants behind the Type-II ones. Gates (gates.png) move away from their SwiGLU start.
 """
 
-from moa_jax.study import Study
+from moa_jax.study import QUICKSTART_ONE_PASS, Study
 
 
 def get_study() -> Study:
@@ -37,8 +37,5 @@ def get_study() -> Study:
       baseline="swiglu",
       seeds=(0, 1, 2),
       steps=2000,
-      # Pinned here, not taken from the preset: 2000 × 16 × 256 = 8.2M tokens, about one pass over the
-      # whole stdlib corpus; eval on 32 × 16 × 256 = 131k held-out tokens.
-      overrides={"train.batch_size": 16, "train.seq_len": 256, "data.max_bytes": 0, "train.eval_every": 500,
-                 "train.eval_batches": 32, "train.sample_every": 0, "checkpoint.every": 1000},
+      overrides=QUICKSTART_ONE_PASS,
   )

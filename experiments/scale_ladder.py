@@ -8,7 +8,7 @@ One GPU, the first rungs only (0.12B: 2.2B tokens, ~1.5 h per run on an H200 at 
   python -m moa_jax.study experiments/scale_ladder.py --workdir=runs/ladder_small --study.sizes=0.12b,0.35b \
       --config.data.source='jsonl:/data/*.jsonl'
 A CPU has no ladder to climb: debug and quickstart are the only sizes it trains, and quickstart trains at
-~400 tokens/s on 2 cores. This exercises the code path (two badly undertrained points, ~20 minutes):
+~1,200 tokens/s on 2 cores. This exercises the code path (two badly undertrained points):
   python -m moa_jax.study experiments/scale_ladder.py --workdir=/tmp/ladder --study.sizes=debug,quickstart \
       --study.tokens_per_param=0.02 --config.model.vocab_size=8192 --config.train.batch_size=8 \
       --config.train.seq_len=64 --config.data.max_bytes=2000000

@@ -1,7 +1,7 @@
 """The activation dictionary (one table) and the LA / MoA mixing reference.
 
-Every activation is one `Activation(fn, grad)` entry in `ACTIVATIONS`: the function and its
-derivative, both elementwise and written with cheap primitives so the Pallas kernel can call them
+Every activation is one `Activation(fn, grad, flops)` entry in `ACTIVATIONS`: the function, its
+derivative and its forward cost (for moa_jax.summary), both elementwise and written with cheap primitives so the Pallas kernel can call them
 in its body. Adding a function to the dictionary is adding one entry here.
 
 Mixing (SPEC §1): with coefficients c of shape (..., G, K) that broadcast against the token
@@ -34,6 +34,7 @@ LEAKY_SLOPE = 0.01
 class Activation:
   fn: Callable[[Array], Array]    # σ(z)
   grad: Callable[[Array], Array]  # σ'(z)
+  flops: int                      # forward FLOPs per element (a transcendental counts 1)
 
 
 def _gelu_tanh(z):
@@ -60,15 +61,15 @@ def _silu_grad(z):
 
 
 ACTIVATIONS: dict[str, Activation] = {
-    "identity": Activation(lambda z: z, jnp.ones_like),
-    "relu": Activation(lambda z: jnp.maximum(z, 0.0), lambda z: (z > 0).astype(z.dtype)),
-    "relu2": Activation(lambda z: jnp.square(jnp.maximum(z, 0.0)), lambda z: 2.0 * jnp.maximum(z, 0.0)),
+    "identity": Activation(lambda z: z, jnp.ones_like, 0),
+    "relu": Activation(lambda z: jnp.maximum(z, 0.0), lambda z: (z > 0).astype(z.dtype), 1),
+    "relu2": Activation(lambda z: jnp.square(jnp.maximum(z, 0.0)), lambda z: 2.0 * jnp.maximum(z, 0.0), 2),
     "leaky_relu": Activation(lambda z: jnp.where(z >= 0, z, LEAKY_SLOPE * z),
-                             lambda z: jnp.where(z >= 0, 1.0, LEAKY_SLOPE).astype(z.dtype)),
-    "gelu": Activation(_gelu_erf, _gelu_erf_grad),            # exact: z·Φ(z)
-    "gelu_tanh": Activation(_gelu_tanh, _gelu_tanh_grad),     # tanh approximation
-    "silu": Activation(lambda z: z * jax.nn.sigmoid(z), _silu_grad),
-    "tanh": Activation(jnp.tanh, lambda z: 1.0 - jnp.square(jnp.tanh(z))),
+                             lambda z: jnp.where(z >= 0, 1.0, LEAKY_SLOPE).astype(z.dtype), 2),
+    "gelu": Activation(_gelu_erf, _gelu_erf_grad, 8),         # exact: z·Φ(z)
+    "gelu_tanh": Activation(_gelu_tanh, _gelu_tanh_grad, 9),  # tanh approximation
+    "silu": Activation(lambda z: z * jax.nn.sigmoid(z), _silu_grad, 4),
+    "tanh": Activation(jnp.tanh, lambda z: 1.0 - jnp.square(jnp.tanh(z)), 1),
 }
 
 # The paper's seven-function dictionary (GELU in its tanh form: it lowers everywhere, Triton included).

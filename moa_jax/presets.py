@@ -101,6 +101,7 @@ def lm_config(size: str = "debug", ffn: str = "swiglu") -> ml_collections.Config
   row = _pick({**SIZES, **MOE_SIZES}, "size", size)
   d, layers, heads, kv_heads, vocab, tie, multiple, lr = row[:8]
   tiny = size in ("debug", "quickstart", "debug_moe")
+  debug = size in ("debug", "debug_moe")
   from moa_jax.data import default_data_config  # the data group is owned by moa_jax.data
 
   c = ml_collections.ConfigDict()
@@ -115,7 +116,7 @@ def lm_config(size: str = "debug", ffn: str = "swiglu") -> ml_collections.Config
       rope_theta=10_000.0,                       # RoPE base
       norm_eps=1e-6,                             # RMSNorm epsilon
       tie_embeddings=tie,                        # share input embedding and output projection
-      dtype="float32" if tiny else "bfloat16",   # compute dtype (XLA:CPU has no fast bf16 matmul)
+      dtype="float32" if debug else "bfloat16",  # compute dtype (debug: fp32, so tests compare to rounding)
       param_dtype="float32",                     # parameter (and optimizer state) dtype
       remat="save_dots_no_batch",                # remat policy: none | full | save_dots | save_dots_no_batch
       attention_impl="auto",                     # auto | xla | cudnn (jax.nn.dot_product_attention)

@@ -64,9 +64,16 @@ def sample_text(workdir: str, prompt: str, *, max_new_tokens: int = 128, tempera
   if len(ids) + max_new_tokens > run.config.train.seq_len:
     print(f"note: {len(ids)} prompt + {max_new_tokens} new tokens exceed the {run.config.train.seq_len} "
           "tokens the model was trained on; text past that length degrades", file=sys.stderr)
-  return [tok.decode(generate(run.model.apply, params, ids, max_new_tokens, temperature=temperature,
-                              top_k=top_k, seed=seed + i, eos_id=tok.eos_id))
+  return [continue_text(run, params, ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed + i)
           for i in range(num_samples)]
+
+
+def continue_text(run, params, prompt_ids: list[int], max_new_tokens: int, *, temperature: float,
+                  top_k: int, seed: int) -> str:
+  """The decoded continuation of `prompt_ids` under a built run's model (moa_jax.train.Run)."""
+  tok = run.data.tokenizer
+  return tok.decode(generate(run.model.apply, params, prompt_ids, max_new_tokens, temperature=temperature,
+                             top_k=top_k, seed=seed, eos_id=tok.eos_id))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,16 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from flax.core import meta
 from ml_collections import config_flags
 
-from flax.core import meta
-
+from moa_jax.activations import ACTIVATIONS
 from moa_jax.transformer import Decoder, ModelSpec, model_spec
-
-# Forward FLOPs per element for each activation (σ and σ' share work; transcendental = 1 op).
-_ACT_FLOPS = {"identity": 0, "relu": 1, "relu2": 2, "leaky_relu": 2, "gelu": 8, "gelu_tanh": 9,
-              "silu": 4, "tanh": 1}
-
 
 def param_shapes(spec: ModelSpec, seq_len: int = 8):
   """The model's parameter tree as ShapeDtypeStructs (logical-partitioning boxes removed)."""
@@ -47,8 +42,8 @@ def mix_flops_per_element(spec: ModelSpec) -> int:
   """Forward elementwise FLOPs per hidden element: K activations, K multiply-adds, the GLU product."""
   f = spec.ffn
   if f.mix == "fixed":
-    return _ACT_FLOPS[f.activations[0]] + (1 if f.type == "glu" else 0)
-  one = sum(_ACT_FLOPS[n] for n in f.activations) + 2 * len(f.activations)
+    return ACTIVATIONS[f.activations[0]].flops + (1 if f.type == "glu" else 0)
+  one = sum(ACTIVATIONS[n].flops for n in f.activations) + 2 * len(f.activations)
   return one * f.mixed_branches + (1 if f.type == "glu" else 0)
 
 

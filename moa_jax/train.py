@@ -30,7 +30,7 @@ from ml_collections import config_flags
 from moa_jax import checkpoint, optim, runtime, sharding, summary
 from moa_jax.data import make_datasets
 from moa_jax.metrics import MetricsWriter, mix_record, moe_record, peak_flops
-from moa_jax.sample import generate
+from moa_jax.sample import continue_text
 from moa_jax.transformer import Decoder, model_spec
 
 
@@ -78,6 +78,14 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation, lr_schedul
     return TrainState(state.step + 1, params, opt_state), metrics
 
   return train_step
+
+
+def jit_train_step(run: Run):
+  """The sharded, donating jit of train_step that both training and --compile_only use."""
+  aux_weights = {k: float(v) for k, v in run.config.get("loss_weights", {}).items()}
+  return jax.jit(make_train_step(run.model, run.tx, run.lr_schedule, aux_weights),
+                 in_shardings=(run.state_shardings, run.batch_sharding),
+                 out_shardings=(run.state_shardings, None), donate_argnums=0)
 
 
 def make_eval_step(model: Decoder):
@@ -159,7 +167,7 @@ def restore_or_init(run: Run, ckpt: checkpoint.Checkpoints, data_iter) -> TrainS
     except Exception as e:  # a truncated or corrupted checkpoint: fall back to an older one
       _set_aside(ckpt, step, e)
       continue
-    diff = checkpoint.config_diff(saved["model"], run.config.model.to_dict())
+    diff = checkpoint.config_diff(saved["config"]["model"], run.config.model.to_dict())
     if diff:
       raise TrainingError(f"{ckpt.directory} holds a checkpoint (step {step}) of a different model:\n  "
                           + "\n  ".join(diff) + "\nuse a new --workdir, or the checkpoint's model config")
@@ -185,15 +193,12 @@ def evaluate(run: Run, eval_fn, params) -> float:
 
 
 def _sample_text(run: Run, params, prompt: str = "def ") -> str:
-  tok = run.data.tokenizer
-  ids = generate(run.model.apply, params, tok.encode(prompt), 48, temperature=0.8, top_k=40,
-                 seed=run.config.train.seed)
-  return prompt + tok.decode(ids)
+  ids = run.data.tokenizer.encode(prompt)
+  return prompt + continue_text(run, params, ids, 48, temperature=0.8, top_k=40, seed=run.config.train.seed)
 
 
 def _save(ckpt, step, state, data_iter, config) -> None:
-  ckpt.save(step, state, data_iter.get_state(), {"model": config.model.to_dict(), "step": step,
-                                                 "config": json.loads(config.to_json_best_effort())})
+  ckpt.save(step, state, data_iter.get_state(), {"step": step, "config": json.loads(config.to_json_best_effort())})
 
 
 def train(config, workdir: str) -> dict:
@@ -213,12 +218,9 @@ def train(config, workdir: str) -> dict:
   start = int(jax.device_get(state.step))
   c = config.train
   names = run.model.spec.ffn.activations
-  aux_weights = {k: float(v) for k, v in config.get("loss_weights", {}).items()}
   guard = runtime.PreemptionGuard()
   with sharding.mesh_context(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    step_fn = jax.jit(make_train_step(run.model, run.tx, run.lr_schedule, aux_weights),
-                      in_shardings=(run.state_shardings, run.batch_sharding),
-                      out_shardings=(run.state_shardings, None), donate_argnums=0)
+    step_fn = jit_train_step(run)
     eval_fn = jax.jit(make_eval_step(run.model), in_shardings=(run.state_shardings.params, run.batch_sharding))
     writer = MetricsWriter(workdir, c.steps, start, main_process)
     peak = peak_flops(jax.devices()[0])
@@ -240,7 +242,8 @@ def train(config, workdir: str) -> dict:
         save_now = ckpt.due(step) or step == c.steps or preempted
         if not (log_now or save_now):
           continue
-        fetched = jax.device_get(window)
+        last_intermediates = jax.device_get(window[-1]["intermediates"])
+        fetched = jax.device_get([{k: v for k, v in m.items() if k != "intermediates"} for m in window])
         window = []
         bad = [i for i, m in enumerate(fetched) if not np.isfinite(m["loss"])]
         if bad:
@@ -255,15 +258,14 @@ def train(config, workdir: str) -> dict:
         if log_now:
           elapsed = time.perf_counter() - t0
           tok_s = tokens_per_step * (step - t_step) / elapsed
-          last = fetched[-1]
           record = {"step": step, "tokens": step * tokens_per_step,
-                    **{k: float(np.mean([m[k] for m in fetched])) for k in last if k != "intermediates"},
+                    **{k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]},
                     "tokens_per_sec": tok_s,
                     "mfu": run.summary["flops_per_token"] * tok_s / (peak * jax.device_count()) if peak else None}
-          gates = mix_record(last["intermediates"], names)
+          gates = mix_record(last_intermediates, names)
           if gates:
             record["gates"] = gates
-          record.update(moe_record(last["intermediates"]))
+          record.update(moe_record(last_intermediates))
           if c.eval_every and step % c.eval_every == 0 or step == c.steps:
             record["eval_loss"] = evaluate(run, eval_fn, state.params)
           writer.write(record)
@@ -293,14 +295,10 @@ def compile_only(config) -> dict:
     run = build(config, with_data=False)
   except ValueError as e:
     raise TrainingError(str(e)) from e
-  aux_weights = {k: float(v) for k, v in config.get("loss_weights", {}).items()}
   batch = {k: jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len), jnp.int32,
                                    sharding=run.batch_sharding) for k in ("inputs", "targets")}
   with sharding.mesh_context(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    step_fn = jax.jit(make_train_step(run.model, run.tx, run.lr_schedule, aux_weights),
-                      in_shardings=(run.state_shardings, run.batch_sharding),
-                      out_shardings=(run.state_shardings, None), donate_argnums=0)
-    compiled = step_fn.lower(run.abstract_state, batch).compile()
+    compiled = jit_train_step(run).lower(run.abstract_state, batch).compile()
   mem = compiled.memory_analysis()
   out = {name: int(getattr(mem, f"{name}_size_in_bytes", 0) or 0)
          for name in ("argument", "output", "temp", "generated_code", "alias")}
