@@ -18,6 +18,7 @@ from flax.core import meta
 from moa_jax import presets, sharding, summary, train
 from moa_jax.ffn import FFN, FFNSpec
 from moa_jax.moe import MoE, MoESpec
+from moa_jax.moe.reference import dense_reference
 from moa_jax.transformer import Decoder, model_spec
 
 D, F = 16, 32
@@ -50,28 +51,7 @@ def apply(layer, params, x):
 
 
 def reference(layer, params, x, keep=None):
-  """Every token through every expert's FFN module (expert e's parameters: params[...][e]); each output
-  weighted by the token's renormalised top-k score for that expert (0 if not chosen, or dropped: keep)."""
-  s = layer.spec
-  logits = jnp.einsum("BTD,DE->BTE", x, params["router"], precision="highest")
-  scores = jax.nn.softmax(logits) if s.router == "softmax" else jax.nn.sigmoid(logits)
-  top, chosen = jax.lax.top_k(scores, s.top_k)
-  weights = top / top.sum(-1, keepdims=True)
-  if keep is not None:
-    weights = weights * keep
-  dense = jnp.einsum("BTK,BTKE->BTE", weights, jax.nn.one_hot(chosen, s.num_experts))
-  ffn = FFN(layer.ffn, jnp.float32, jnp.float32)
-  outs = jnp.stack([ffn.apply({"params": jax.tree.map(lambda p: p[e], params["experts"])}, x)
-                    for e in range(s.num_experts)])                                   # (E, B, T, D)
-  y = jnp.einsum("BTE,EBTD->BTD", dense, outs)
-  if s.shared_experts:
-    shared = FFN(ffn_spec_like(layer.ffn, s.shared_experts * layer.ffn.d_ff), jnp.float32, jnp.float32)
-    y = y + shared.apply({"params": params["shared"]}, x)
-  return y, chosen
-
-
-def ffn_spec_like(spec: FFNSpec, d_ff: int) -> FFNSpec:
-  return FFNSpec(**{**spec.__dict__, "d_ff": d_ff})
+  return dense_reference(layer.spec, layer.ffn, params, x, keep)
 
 
 def assert_tree_close(a, b, rtol=2e-4, atol=2e-5):
@@ -155,7 +135,7 @@ def test_router_losses_and_weights_by_hand(router):
   z = (2 * math.log(4) ** 2 + math.log(2) ** 2) / 3                   # logsumexp: ln 4, ln 2, ln 4
   np.testing.assert_allclose(losses["aux_loss"], aux, rtol=1e-6)
   np.testing.assert_allclose(losses["z_loss"], z, rtol=1e-6)
-  # top-1 with renormalised weights: the output is exactly the chosen expert's FFN.
+  # top-1 (Switch): the output is the chosen expert's FFN times its raw score.
   y, _ = apply(layer, params, x)
   np.testing.assert_allclose(y, reference(layer, params, x)[0], rtol=1e-6)
 
@@ -247,7 +227,8 @@ def test_summary_counts_active_parameters_and_flops():
   assert s["expert_params"] == layers * e * (per_expert_matmul + per_expert_mix)
   assert s["total_params"] - s["active_params"] == layers * (e - k) * (per_expert_matmul + per_expert_mix)
   assert s["matmul_params"] - s["active_matmul_params"] == layers * (e - k) * (per_expert_matmul + 2 * 7 * d)
-  assert s["active_flops_per_token"] == s["flops_per_token"] == 6 * s["active_matmul_params"] + 12 * layers * d * 64
+  assert s["active_flops_per_token"] == s["flops_per_token"] == (6 * s["active_matmul_params"] + 12 * layers * d * 64
+                                                                + s["mix_flops_per_token"])
   dense = summary.summarize(model_spec(presets.lm_config("debug", "bimoa").model), 64)
   assert dense["active_params"] == dense["total_params"] and dense["expert_params"] == 0
 

@@ -1,0 +1,19 @@
+"""Mixture-of-Experts FFN layer (SPEC §2, §7); design notes in docs/moe.md.
+
+    spec.py      the `model.moe` config group
+    router.py    scores, top-k weights, balance and z losses
+    grouped.py   the experts' FFNs on grouped rows: grouped-matmul kernels (tokamax, megablox) and
+                 jax.lax.ragged_dot as the reference; capacity buffers
+    exchange.py  expert parallelism: ragged all-to-all (GPU/TPU) and the padded emulation (CPU)
+    paths.py     dropless and capacity paths on one device's tokens
+    layer.py     parameters, shard_map placement, the Flax module
+    reference.py every token through every expert: the dense reference the tests compare with
+"""
+
+from moa_jax.moe.layer import EXPERT_AXIS, MoE, Experts, moe_apply
+from moa_jax.moe.paths import moe_tokens
+from moa_jax.moe.router import route, router_losses
+from moa_jax.moe.spec import GMMS, PATHS, ROUTERS, MoESpec
+
+__all__ = ["EXPERT_AXIS", "GMMS", "PATHS", "ROUTERS", "Experts", "MoE", "MoESpec", "moe_apply", "moe_tokens",
+           "route", "router_losses"]

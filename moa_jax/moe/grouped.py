@@ -1,0 +1,120 @@
+"""The experts' FFNs on rows grouped by expert (dropless) and on (E, C, D) buffers (capacity).
+
+Grouped matmuls (`model.moe.gmm`): `y[rows of group e] = x[rows of group e] @ w[e]`, for groups given
+by their sizes, rows past Σ sizes left out. XLA's `jax.lax.ragged_dot` is the reference; on CPU (and by
+default on NVIDIA GPUs) it lowers to a dense dot over a masked (E, rows, D) copy of its input: E× the
+FLOPs and an O(E·rows·D) buffer. On accelerators the layer uses a kernel made for it:
+
+    auto        tokamax on GPU and TPU, ragged_dot on CPU
+    tokamax     tokamax.ragged_dot (Mosaic GPU / Triton on GPU, Mosaic on TPU; XLA elsewhere)
+    megablox    jax's own TPU kernel (jax.experimental.pallas.ops.tpu.megablox.gmm; interpreted off TPU)
+    ragged_dot  jax.lax.ragged_dot
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from moa_jax import ffn as ffn_lib
+from moa_jax.ffn import FFNSpec
+
+Array = jax.Array
+
+
+def resolve_gmm(name: str) -> str:
+  """`auto` -> the implementation for the default backend."""
+  if name != "auto":
+    return name
+  return "ragged_dot" if jax.default_backend() == "cpu" else "tokamax"
+
+
+def _megablox(x: Array, w: Array, sizes: Array) -> Array:
+  from jax.experimental.pallas.ops.tpu import megablox
+  m, k = x.shape
+  n = w.shape[-1]
+  tm = min(128, -(-m // 8) * 8)
+  pad = -m % tm                                           # the kernel needs m divisible by its tile
+  xp = jnp.pad(x, ((0, pad), (0, 0)))
+  tiling = (tm, min(128, k), min(128, n))
+  out = megablox.gmm(xp, w, sizes.astype(jnp.int32), x.dtype, tiling, None, None, False,
+                     jax.default_backend() != "tpu")
+  return out[:m]
+
+
+def _tokamax(x: Array, w: Array, sizes: Array) -> Array:
+  import tokamax
+  return tokamax.ragged_dot(x, w, sizes.astype(jnp.int32))
+
+
+def _ragged_dot(x: Array, w: Array, sizes: Array) -> Array:
+  return jax.lax.ragged_dot(x, w, sizes.astype(jnp.int32))
+
+
+GMM_FNS = {"tokamax": _tokamax, "megablox": _megablox, "ragged_dot": _ragged_dot}
+
+
+def gmm(x: Array, w: Array, sizes: Array, impl: str) -> Array:
+  """x (M, K) rows grouped by expert, w (G, K, N), sizes (G,) -> (M, N); rows past Σ sizes are zero."""
+  out = GMM_FNS[resolve_gmm(impl)](x, w, sizes)
+  valid = jnp.arange(x.shape[0]) < jnp.sum(sizes)       # some kernels leave rows past Σ sizes unwritten
+  return jnp.where(valid[:, None], out, jnp.zeros((), out.dtype))
+
+
+def branches(spec: FFNSpec) -> tuple[str, ...]:
+  return () if spec.mix == "fixed" else (("mix", "mix_u") if spec.bi_sided else ("mix",))
+
+
+def _row_coefs(rows: Array, ids: Array, p: dict, spec: FFNSpec) -> dict:
+  """Each row's mixing coefficients (M, G, K) fp32 under its expert's LA coefficients or MoA gates. MoA
+  gate logits are one plain matmul against every expert's gate kernel, then each row's own expert is
+  picked: E·G·K columns (tens) cost little next to a grouped matmul, and need no kernel of their own."""
+  coefs = {}
+  for b in branches(spec):
+    if spec.mix == "la":
+      coefs[b] = p[b]["coef"][ids]                                              # (M, G, K)
+      continue
+    kernel = p[b]["gate_kernel"]                                                # (E, D, G, K)
+    logits = jnp.einsum("MD,EDGK->MEGK", rows, kernel.astype(rows.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.take_along_axis(logits, ids[:, None, None, None], axis=1)[:, 0]  # (M, G, K)
+    bias = p[b]["gate_bias"][ids] if "gate_bias" in p[b] else None
+    coefs[b] = ffn_lib.gates(spec, logits, bias)
+  return coefs
+
+
+def grouped_ffn(rows: Array, ids: Array, sizes: Array, p: dict, spec: FFNSpec, impl: str):
+  """The experts' FFNs on rows sorted by expert: group e is the next sizes[e] rows; rows past Σ sizes
+  come out zero. ids (M,): each row's expert (any valid index for padding rows). The hidden
+  activations are named `moe_hidden` for the remat policies. Returns (M, D) and the per-row coefficients."""
+  dt = rows.dtype
+  h = checkpoint_name(gmm(rows, p["w1"].astype(dt), sizes, impl), "moe_hidden")           # (M, F)
+  u = checkpoint_name(gmm(rows, p["w2"].astype(dt), sizes, impl), "moe_hidden") if spec.type == "glu" else None
+  coefs = _row_coefs(rows, ids, p, spec)
+  y = ffn_lib.mix_hidden(spec, h, u, coefs.get("mix"), coefs.get("mix_u"))
+  return gmm(y, p["w3"].astype(dt), sizes, impl), coefs
+
+
+def batched_ffn(xe: Array, p: dict, spec: FFNSpec):
+  """The experts' FFNs on capacity buffers xe (E, C, D) -> (E, C, D), and per-slot coefficients."""
+  dt = xe.dtype
+  h = jnp.einsum("ECD,EDF->ECF", xe, p["w1"].astype(dt))
+  u = jnp.einsum("ECD,EDF->ECF", xe, p["w2"].astype(dt)) if spec.type == "glu" else None
+  coefs = {}
+  for b in branches(spec):
+    if spec.mix == "la":
+      coefs[b] = p[b]["coef"][:, None]                                          # (E, 1, G, K)
+      continue
+    logits = jnp.einsum("ECD,EDGK->ECGK", xe, p[b]["gate_kernel"].astype(dt), preferred_element_type=jnp.float32)
+    bias = p[b]["gate_bias"][:, None] if "gate_bias" in p[b] else None
+    coefs[b] = ffn_lib.gates(spec, logits, bias)                                # (E, C, G, K)
+  y = ffn_lib.mix_hidden(spec, h, u, coefs.get("mix"), coefs.get("mix_u"))
+  return jnp.einsum("ECF,EFD->ECD", y, p["w3"].astype(dt)), coefs
+
+
+def gate_sums(coefs: dict, valid: Array, moa: bool) -> dict:
+  """Σ over valid rows of the MoA gates (mean over groups): (K,) per branch, for the gate metrics."""
+  if not moa:
+    return {}
+  return {b: jnp.einsum("...GK,...->K", c, valid.astype(jnp.float32)) / c.shape[-2] for b, c in coefs.items()}
+

@@ -1,0 +1,142 @@
+"""The MoE layer: parameters, the shard_map placement over a mesh, and the Flax module.
+
+    y(x) = Σ_{e ∈ top-k(s(x))} w_e(x) · FFN_e(x)   [+ FFN_shared(x)]
+
+The experts are the FFNs of `moa_jax.ffn` (fixed, LA or MoA, Type-I or II) with a leading expert axis on
+every parameter (`experts/w1` is (E, D, F), `experts/mix/gate_kernel` (E, D, G, K), ...):
+`tree.map(lambda p: p[e], experts)` is expert e's FFN parameter tree, so each expert has its own gates.
+
+Expert parallelism. When a mesh is current (train.py enters one), the layer runs per device inside
+`jax.shard_map`: tokens stay sharded over the batch axes (data, fsdp, expert), experts over `expert`
+(E/P per device), and assignments travel as `exchange.py` describes (ragged all-to-all on GPU/TPU, the
+padded emulation on CPU). Expert weights are gathered over fsdp at the shard_map boundary (FSDP-style);
+router and shared experts are ordinary partitioned layers. Router statistics are summed over the batch
+axes, so every mesh computes the same losses; the capacity path limits each device's N tokens, as
+GShard's groups do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from moa_jax import ffn as ffn_lib
+from moa_jax.ffn import FFN, FFNSpec, dense_init, param
+from moa_jax.moe.grouped import branches
+from moa_jax.moe.paths import moe_tokens
+from moa_jax.moe.spec import MoESpec
+from moa_jax.sharding import BATCH_AXES
+
+Array = jax.Array
+
+EXPERT_AXIS = "expert"
+
+
+# ---- Parameters ---------------------------------------------------------------------------------
+
+class _MixParams(nn.Module):
+  spec: FFNSpec
+  primary: str
+  num_experts: int
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, d: int) -> dict:
+    return ffn_lib.mix_params(self, self.spec, self.primary, d, self.param_dtype, self.num_experts)
+
+
+class Experts(nn.Module):
+  """E FFNs' parameters: the FFN module's tree (w1, w2, mix, mix_u, w3) with a leading expert axis."""
+  spec: FFNSpec
+  num_experts: int
+  param_dtype: jnp.dtype = jnp.float32
+  out_scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, d: int) -> dict:
+    s, e, f, pd = self.spec, self.num_experts, self.spec.d_ff, self.param_dtype
+    p = {"w1": param(self, "w1", (e, d, f), ("experts", "embed", "mlp"), dense_init(d), pd)}
+    if s.type == "glu":
+      p["w2"] = param(self, "w2", (e, d, f), ("experts", "embed", "mlp"), dense_init(d), pd)
+    if s.mix != "fixed":
+      p["mix"] = _MixParams(s, s.primary, e, pd, name="mix")(d)
+      if s.bi_sided:
+        p["mix_u"] = _MixParams(s, s.primary_u, e, pd, name="mix_u")(d)
+    p["w3"] = param(self, "w3", (e, f, d), ("experts", "mlp", "embed"), dense_init(f, self.out_scale), pd)
+    return p
+
+
+def transport() -> str:
+  """The expert-parallel exchange for the default backend: XLA:CPU has no ragged all-to-all."""
+  return "padded" if jax.default_backend() == "cpu" else "ragged"
+
+
+def _token_axes(sizes: dict, batch: int) -> tuple[str, ...]:
+  """The batch axes (of size > 1) the batch dimension is split over, as far as it divides."""
+  axes, split = [], 1
+  for a in BATCH_AXES:
+    if sizes.get(a, 1) > 1 and batch % (split * sizes[a]) == 0:
+      axes.append(a)
+      split *= sizes[a]
+  return tuple(axes)
+
+
+def moe_apply(x: Array, router: Array, experts: dict, spec: MoESpec, ffn: FFNSpec):
+  """x (B, T, D) -> (B, T, D), stats. Per device in shard_map when a mesh is current (see the module
+  docstring); otherwise one program that XLA partitions (also the fallback when the batch does not split
+  over the `expert` axis, e.g. sampling one sequence)."""
+  b, t, d = x.shape
+  mesh = jax.sharding.get_abstract_mesh()
+  sizes = {} if mesh.empty else dict(mesh.shape)
+  shards = sizes.get(EXPERT_AXIS, 1)
+  axes = _token_axes(sizes, b)
+  if spec.num_experts % shards:
+    raise ValueError(f"model.moe.num_experts = {spec.num_experts} does not divide over mesh.expert = {shards}; "
+                     "use a multiple of mesh.expert experts, or a mesh.expert that divides num_experts")
+  if (shards > 1 and EXPERT_AXIS not in axes) or (shards == 1 and not axes):
+    y, stats = moe_tokens(x.reshape(b * t, d), router, experts, spec, ffn)
+    return y.reshape(b, t, d), stats
+  n_tokens = b * t
+  axis = EXPERT_AXIS if shards > 1 else None
+
+  def local(x, router, experts):
+    lb = x.shape[0]
+    y, stats = moe_tokens(x.reshape(lb * t, d), router, experts, spec, ffn, token_axes=axes,
+                          n_tokens=n_tokens, axis=axis, shards=shards, transport=transport())
+    return y.reshape(lb, t, d), stats
+
+  expert_specs = jax.tree.map(lambda _: P(axis), experts)
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(), expert_specs), out_specs=(P(axes), P()))
+  return fn(x, router, experts)
+
+
+class MoE(nn.Module):
+  """x (B, T, D) -> (B, T, D). Sows `aux_losses` (aux_loss, z_loss), `moe_stats` (load per expert;
+  dropped fraction on the capacity path; ep_overflow, the fraction dropped by full expert-parallel
+  receive buffers) and the experts' mean gates as `mix_mean`."""
+  spec: MoESpec
+  ffn: FFNSpec                   # each expert's FFN (d_ff: the expert width)
+  dtype: jnp.dtype = jnp.bfloat16
+  param_dtype: jnp.dtype = jnp.float32
+  out_scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    s, d = self.spec, x.shape[-1]
+    x = x.astype(self.dtype)
+    router = param(self, "router", (d, s.num_experts), ("embed", None), dense_init(d), self.param_dtype)
+    experts = Experts(self.ffn, s.num_experts, self.param_dtype, self.out_scale, name="experts")(d)
+    y, stats = moe_apply(x, router, experts, s, self.ffn)
+    self.sow("intermediates", "aux_losses", {"aux_loss": stats["aux_loss"], "z_loss": stats["z_loss"]})
+    self.sow("intermediates", "moe_stats", {k: stats[k] for k in ("load", "dropped", "ep_overflow") if k in stats})
+    if self.ffn.mix != "fixed":  # LA: mean coefficients over experts; MoA: mean gates over routed tokens
+      self.sow("intermediates", "mix_mean", {b: jnp.mean(experts[b]["coef"], axis=(0, 1)) if self.ffn.mix == "la"
+                                             else stats[f"gates_{b}"] for b in branches(self.ffn)})
+    if s.shared_experts:
+      shared = dataclasses.replace(self.ffn, d_ff=s.shared_experts * self.ffn.d_ff)
+      y = y + FFN(shared, self.dtype, self.param_dtype, self.out_scale, name="shared")(x)
+    return y

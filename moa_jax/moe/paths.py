@@ -1,0 +1,109 @@
+"""The two paths on one device's tokens, and the router statistics they report.
+
+    dropless  assignments sorted by expert, grouped matmuls (grouped.gmm); nothing dropped on one device.
+              With expert parallelism the rows travel through exchange.exchange_ffn, whose receive buffers
+              are buffer_factor × balanced: overflow there is dropped and reported as ep_overflow.
+    capacity  GShard-style: expert e takes at most C = ⌈capacity_factor · N · k / E⌉ of a device's N tokens,
+              first choices before second choices, then token order. Each assignment's place in its
+              expert's queue comes from a stable sort, and rows are scattered into an (E, C, D) buffer and
+              gathered back: O(N·k + E·C) memory. The rest are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from moa_jax.ffn import FFNSpec
+from moa_jax.moe.exchange import exchange_ffn, per_pair_capacity
+from moa_jax.moe.grouped import batched_ffn, gate_sums, grouped_ffn
+from moa_jax.moe.router import route, router_losses
+from moa_jax.moe.spec import MoESpec
+
+Array = jax.Array
+
+
+def _inverse(order: Array) -> Array:
+  return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+
+
+def dropless(x, weights, experts, p, spec: MoESpec, ffn: FFNSpec, axis, shards, transport):
+  """x (N, D), weights / experts (N, k) -> y (N, D) fp32, gate sums, dropped (None) and EP overflow."""
+  n, k = experts.shape
+  flat = experts.reshape(-1)                          # (A,) assignment a = token·k + slot
+  order = jnp.argsort(flat, stable=True)
+  sorted_e = flat[order]
+  sizes = jnp.sum(jax.nn.one_hot(flat, spec.num_experts, dtype=jnp.int32), axis=0)
+  rows = x[order // k]                                # (A, D), grouped by expert
+  if shards == 1:
+    rows = checkpoint_name(rows, "moe_dispatched")
+    out, coefs = grouped_ffn(rows, sorted_e, sizes, p, ffn, spec.gmm)
+    out = checkpoint_name(out, "moe_expert_out")
+    valid, overflow = jnp.ones((n * k,), bool), None
+  else:
+    cap = per_pair_capacity(n * k, shards, k, spec.num_experts // shards, spec.buffer_factor)
+    out, coefs, valid, overflow = exchange_ffn(rows, sorted_e, sizes, p, ffn, axis=axis, shards=shards, cap=cap,
+                                               transport=transport, gmm=spec.gmm)
+  out = out[_inverse(order)]                          # back to assignment order
+  y = jnp.einsum("NK,NKD->ND", weights, out.reshape(n, k, -1).astype(jnp.float32))
+  return y, gate_sums(coefs, valid, ffn.mix == "moa"), None, overflow
+
+
+def capacity(x, weights, experts, p, spec: MoESpec, ffn: FFNSpec, axis, shards, transport):
+  del transport
+  n, k = experts.shape
+  e = spec.num_experts
+  cap = min(n, max(1, math.ceil(spec.capacity_factor * n * k / e)))
+  flat = experts.T.reshape(-1)                         # (k·N,) in priority order: slot-major, then token
+  order = jnp.argsort(flat, stable=True)
+  counts = jnp.sum(jax.nn.one_hot(flat, e, dtype=jnp.int32), axis=0)
+  position = jnp.arange(k * n) - (jnp.cumsum(counts) - counts)[flat[order]]   # place in its expert's queue
+  position = position[_inverse(order)]
+  kept = position < cap
+  slot = jnp.where(kept, flat * cap + position, e * cap)                     # e·cap: out of range, dropped
+  token = jnp.arange(k * n) % n
+  xe = jnp.zeros((e * cap, x.shape[-1]), x.dtype).at[slot].set(x[token], mode="drop").reshape(e, cap, -1)
+  filled = jnp.zeros((e * cap,), jnp.float32).at[slot].set(1.0, mode="drop").reshape(e, cap)
+  if shards > 1:  # (E, C, ·) -> this device's experts × (sources · C)
+    e_loc = e // shards
+    there = lambda t: jnp.moveaxis(jax.lax.all_to_all(t.reshape(shards, e_loc, *t.shape[1:]), axis, 0, 0,
+                                                      tiled=True), 0, 1)
+    xe, filled = there(xe).reshape(e_loc, shards * cap, -1), there(filled).reshape(e_loc, shards * cap)
+  ye, coefs = batched_ffn(xe, p, ffn)
+  if shards > 1:
+    ye = jax.lax.all_to_all(jnp.moveaxis(ye.reshape(e_loc, shards, cap, -1), 1, 0), axis, 0, 0, tiled=True)
+  out = ye.reshape(e * cap, -1).at[slot].get(mode="fill", fill_value=0)      # (k·N, D)
+  y = jnp.einsum("KN,KND->ND", weights.T, out.reshape(k, n, -1).astype(jnp.float32))
+  return y, gate_sums(coefs, filled, ffn.mix == "moa"), k * n - jnp.sum(kept), None
+
+
+PATH_FNS = {"dropless": dropless, "capacity": capacity}
+
+
+def moe_tokens(x: Array, router: Array, experts: dict, spec: MoESpec, ffn: FFNSpec, *,
+               token_axes: tuple[str, ...] = (), n_tokens: int | None = None, axis: str | None = None,
+               shards: int = 1, transport: str = "padded"):
+  """One device's tokens x (N, D) -> (N, D) and the router statistics, summed over `token_axes` (the
+  mesh axes the tokens are split over; n_tokens is the global count). `experts` holds this device's
+  E/shards experts; assignments travel over mesh axis `axis` when shards > 1."""
+  n = x.shape[0]
+  n_tokens = n_tokens or n
+  total = (lambda v: jax.lax.psum(v, token_axes)) if token_axes else (lambda v: v)
+  weights, chosen, logits, scores = route(x, router, spec)
+  y, sums, dropped, overflow = PATH_FNS[spec.path](x, weights, chosen, experts, spec, ffn, axis, shards, transport)
+  counts = total(jnp.sum(jax.nn.one_hot(chosen.reshape(-1), spec.num_experts, dtype=jnp.int32), axis=0))
+  stats = router_losses(counts, total(jnp.sum(scores, axis=0)),
+                        total(jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)))), n_tokens, spec.top_k)
+  routed = n_tokens * spec.top_k
+  lost = 0
+  if dropped is not None:
+    stats["dropped"] = total(dropped) / routed
+    lost = total(dropped)
+  if overflow is not None:
+    stats["ep_overflow"] = total(overflow) / routed
+    lost = total(overflow)
+  stats.update({f"gates_{b}": total(s) / (routed - lost) for b, s in sums.items()})
+  return y.astype(x.dtype), stats
