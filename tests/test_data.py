@@ -1,5 +1,6 @@
 """Data: corpus split, tokenizer, cached preparation, packing, shuffling, sharding, resumption."""
 
+import dataclasses
 import json
 import os
 import random
@@ -11,6 +12,7 @@ import pytest
 from moa_jax.data import EOS, TokenWindows, corpus, default_data_config, load_tokenizer
 from moa_jax.data import make_datasets, train_bpe
 import moa_jax.data.prepare as prepare_lib
+from moa_jax.data import shards
 
 VOCAB = 400
 MAX_BYTES = 400_000  # a few stdlib files: ~200k tokens at this vocab
@@ -59,7 +61,7 @@ def _decoded_documents(prepared):
   tok = prepared.tokenizer
   docs = []
   for split in ("train", "val"):
-    docs += tok.decode(prepared.tokens(split)).split(EOS)[:-1]  # every document ends with eos
+    docs += tok.decode(np.asarray(prepared.tokens(split))).split(EOS)[:-1]  # every document ends with eos
   return docs
 
 
@@ -103,7 +105,8 @@ def test_tokenizer_round_trips_stdlib_text(cache_dir):
 
 def test_cached_set_is_reused_and_tokenizer_trained_once(cache_dir, monkeypatch):
   first = _prepared(cache_dir)
-  files = [os.path.join(first.directory, f) for f in ("tokenizer.json", "train.bin", "meta.json")]
+  files = [os.path.join(first.directory, f)
+           for f in ("tokenizer.json", shards.token_file("train", 0, 1), "meta.json")]
   mtimes = [os.stat(f).st_mtime_ns for f in files]
 
   def no_training(*args):
@@ -226,6 +229,128 @@ def test_parquet_source(tmp_path):
   prepared = prepare_lib.prepare(f"parquet:{tmp_path}/*.parquet", 300, str(tmp_path / "cache"),
                                  val_percent=30.0)
   assert sorted(_decoded_documents(prepared)) == sorted(texts)
+
+
+def _write_hf_arrow(directory, texts, name="data-00000-of-00001.arrow"):
+  """A directory laid out as `datasets`' save_to_disk writes it: an Arrow stream plus its json."""
+  pa = pytest.importorskip("pyarrow")
+  directory.mkdir(parents=True)
+  table = pa.table({"id": list(range(len(texts))), "content": texts})
+  with pa.OSFile(str(directory / name), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+    for batch in table.to_batches(max_chunksize=7):
+      w.write_batch(batch)
+  (directory / "state.json").write_text(json.dumps({"_data_files": [{"filename": name}]}))
+  (directory / "dataset_info.json").write_text("{}")
+
+
+def test_hf_saved_dataset_directory(tmp_path):
+  texts = _write_texts(tmp_path / "texts", 20)
+  _write_hf_arrow(tmp_path / "ds", texts)
+  prepared = prepare_lib.prepare(f"hf:{tmp_path}/ds", 300, str(tmp_path / "cache"),
+                                 text_field="content", val_percent=30.0)
+  assert sorted(_decoded_documents(prepared)) == sorted(texts)
+  bare = prepare_lib.prepare(str(tmp_path / "ds"), 300, str(tmp_path / "cache2"),
+                             text_field="content", val_percent=30.0)  # a bare directory is hf:
+  np.testing.assert_array_equal(np.asarray(bare.tokens("train")), np.asarray(prepared.tokens("train")))
+
+
+def test_hf_dataset_dict_reads_train_and_parquet_layout(tmp_path):
+  pa = pytest.importorskip("pyarrow")
+  pq = pytest.importorskip("pyarrow.parquet")
+  texts = _write_texts(tmp_path / "texts", 20)
+  _write_hf_arrow(tmp_path / "dict" / "train", texts[:15])
+  _write_hf_arrow(tmp_path / "dict" / "test", texts[15:])
+  (tmp_path / "dict" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+  prepared = prepare_lib.prepare(f"hf:{tmp_path}/dict", 300, str(tmp_path / "cache"),
+                                 text_field="content", val_percent=30.0)
+  assert sorted(_decoded_documents(prepared)) == sorted(texts[:15])  # the train split only
+  (tmp_path / "hub" / "data").mkdir(parents=True)
+  pq.write_table(pa.table({"text": texts[:12]}), tmp_path / "hub/data/train-00000-of-00002.parquet")
+  pq.write_table(pa.table({"text": texts[12:15]}), tmp_path / "hub/data/train-00001-of-00002.parquet")
+  pq.write_table(pa.table({"text": texts[15:]}), tmp_path / "hub/data/test-00000-of-00001.parquet")
+  prepared = prepare_lib.prepare(f"hf:{tmp_path}/hub", 300, str(tmp_path / "cache"),
+                                 val_percent=30.0)
+  assert sorted(_decoded_documents(prepared)) == sorted(texts[:15])
+
+
+# Shards: the parallel path, resume, processes sharing the work, reading.
+
+
+def _glob_set(tmp_path, cache, **kwargs):
+  return prepare_lib.prepare(f"glob:{tmp_path}/texts/*.txt", 300, str(tmp_path / cache),
+                             val_percent=30.0, **kwargs)
+
+
+def _all_tokens(prepared):
+  return {split: np.asarray(prepared.tokens(split)) for split in ("train", "val")}
+
+
+def test_shards_group_files_and_resume_only_missing_ones(tmp_path, monkeypatch):
+  texts = _write_texts(tmp_path / "texts", 40)
+  first = _glob_set(tmp_path, "cache")
+  assert first.meta["num_shards"] == prepare_lib.default_shard_count(40, 0) == 16
+  assert sum(first.meta["splits"]["train"]["shards"]) == first.meta["splits"]["train"]["n_tokens"]
+  assert sorted(_decoded_documents(first)) == sorted(texts)
+  expected = _all_tokens(first)
+  # A run killed after shard 5 was written but before the index: only shard 5 is tokenized again.
+  marker = os.path.join(first.directory, shards.marker_file(5, 16))
+  with open(marker) as f:
+    shard_docs = sum(split["n_docs"] for split in json.load(f)["splits"].values())
+  os.remove(os.path.join(first.directory, "meta.json"))
+  os.remove(marker)
+  encoded = []
+
+  def counting(texts):
+    encoded.extend(texts)
+    return first.tokenizer.encode_batch(texts)
+
+  monkeypatch.setattr(prepare_lib, "load_tokenizer",
+                      lambda path: dataclasses.replace(first.tokenizer, _encode_batch=counting))
+  again = _glob_set(tmp_path, "cache")
+  assert 0 < len(encoded) == shard_docs
+  for split in ("train", "val"):
+    np.testing.assert_array_equal(_all_tokens(again)[split], expected[split])
+
+
+def test_processes_split_the_shards(tmp_path):
+  _write_texts(tmp_path / "texts", 40)
+  whole = _glob_set(tmp_path, "whole")
+  tokenizer = os.path.join(whole.directory, "tokenizer.json")
+  assert _glob_set(tmp_path, "pod", tokenizer=tokenizer, shard_index=1, num_shards=3) is None
+  assert _glob_set(tmp_path, "pod", tokenizer=tokenizer, shard_index=2, num_shards=3) is None
+  pod_dir = _glob_set(tmp_path, "pod", tokenizer=tokenizer, shard_index=0, num_shards=3).directory
+  markers = sorted(f for f in os.listdir(pod_dir) if f.startswith("shard-"))
+  assert len(markers) == 16
+  pod = _glob_set(tmp_path, "pod", tokenizer=tokenizer)
+  for split in ("train", "val"):
+    np.testing.assert_array_equal(_all_tokens(pod)[split], _all_tokens(whole)[split])
+  with pytest.raises(ValueError, match=r"--shard_index = 3 with --num_shards = 3"):
+    _glob_set(tmp_path, "pod", shard_index=3, num_shards=3)
+
+
+def test_other_processes_wait_for_shard_zeros_tokenizer(tmp_path, monkeypatch):
+  _write_texts(tmp_path / "texts", 4)
+  monkeypatch.setattr(prepare_lib, "_TOKENIZER_WAIT_S", 0)
+  with pytest.raises(ValueError, match=r"which the process with --shard_index=0 trains"):
+    _glob_set(tmp_path, "cache", shard_index=1, num_shards=2)
+
+
+@pytest.mark.parametrize("memory_map", [True, False])  # False: the ranged reads gs:// gets
+def test_token_stream_reads_across_shards(tmp_path, memory_map):
+  counts = [5, 0, 3, 7]
+  stream = np.arange(sum(counts), dtype=np.uint16)
+  bounds = np.cumsum([0] + counts)
+  for i, n in enumerate(counts):
+    stream[bounds[i]:bounds[i + 1]].tofile(tmp_path / shards.token_file("train", i, len(counts)))
+  tokens = shards.TokenStream(str(tmp_path), "train", counts, "uint16", memory_map=memory_map)
+  assert len(tokens) == 15
+  for start in range(16):
+    for stop in range(start, 16):
+      np.testing.assert_array_equal(tokens[start:stop], stream[start:stop])
+  np.testing.assert_array_equal(np.asarray(tokens), stream)
+  windows = TokenWindows(tokens, seq_len=4)
+  assert [list(windows[i]) for i in range(len(windows))] == [[0, 1, 2, 3, 4], [4, 5, 6, 7, 8],
+                                                             [8, 9, 10, 11, 12]]
 
 
 # Errors.

@@ -1,28 +1,33 @@
-"""Data: text sources, tokenizer, cached token files and the Grain pipeline.
+"""Data: text sources, tokenizer, sharded token files and the Grain pipeline.
 
 `make_datasets(config.data, ...)` is all a trainer needs; `python -m moa_jax.data.prepare` prepares
 a source ahead of time. `prepare()` itself lives in `moa_jax.data.prepare` (re-exporting it here
-would shadow that module's name).
+would shadow that module's name). Names are imported on first use, so `moa_jax.data.prepare` and
+the tokenizer do not pay for importing Grain.
 """
 
-from moa_jax.data.config import default_data_config
-from moa_jax.data.corpus import Document, documents
-from moa_jax.data.pipeline import Batch, Data, TokenWindows, make_datasets
-from moa_jax.data.prepare import PreparedData, default_cache_root
-from moa_jax.data.tokenizer import EOS, Tokenizer, load_tokenizer, train_bpe
+import importlib
 
-__all__ = [
-    "Batch",
-    "Data",
-    "Document",
-    "EOS",
-    "PreparedData",
-    "TokenWindows",
-    "Tokenizer",
-    "default_cache_root",
-    "default_data_config",
-    "documents",
-    "load_tokenizer",
-    "make_datasets",
-    "train_bpe",
-]
+_EXPORTS = {
+    "Batch": "pipeline",
+    "Data": "pipeline",
+    "Document": "corpus",
+    "EOS": "tokenizer",
+    "PreparedData": "prepare",
+    "TokenWindows": "pipeline",
+    "Tokenizer": "tokenizer",
+    "default_cache_root": "prepare",
+    "default_data_config": "config",
+    "documents": "corpus",
+    "load_tokenizer": "tokenizer",
+    "make_datasets": "pipeline",
+    "train_bpe": "tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'moa_jax.data' has no attribute {name!r}")
+  return getattr(importlib.import_module(f"moa_jax.data.{_EXPORTS[name]}"), name)

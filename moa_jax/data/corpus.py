@@ -6,9 +6,13 @@ Source specs:
     "glob:/data/**/*.txt"     one document per text file (UTF-8)
     "jsonl:/data/*.jsonl"     one document per JSON line, taken from its `text_field`
     "parquet:/data/*.parquet" one document per row, taken from its `text_field` column (needs pyarrow)
+    "hf:/data/my_dataset"     a Hugging Face `datasets` directory: one document per row of its
+                              `text_field` column, from `save_to_disk` Arrow files or Parquet files
+                              (needs pyarrow, not `datasets`); see `_hf_files` for which split is read
 
 A spec without a known prefix is a path pattern whose kind is inferred from its extension:
-`.jsonl` -> jsonl, `.parquet` -> parquet, anything else -> glob.
+`.jsonl` -> jsonl, `.parquet` -> parquet, anything else -> glob. A bare directory is read as `hf:`
+when it holds a Hugging Face dataset; any other directory is refused with the spec to write instead.
 
 The stdlib corpus (~31 MB on CPython 3.11: ~12 MB of modules, ~19 MB of `test/` packages) keeps the
 test packages: they are real Python, and without them the corpus is too small to train on. It
@@ -33,15 +37,21 @@ import os
 import pathlib
 import sys
 import sysconfig
-from typing import Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 SPLITS = ("train", "val")
 # Installed third-party code (varies by machine), and encodings/: 1.5 MB of generated 256-entry codec
 # tables ("0x00c0: 0x0410,  # CYRILLIC CAPITAL LETTER A") that a small model learns first and then
 # writes back in every sample.
 _SKIPPED_STDLIB_DIRS = ("site-packages", "dist-packages", "encodings")
-_PATTERN_KINDS = ("glob", "jsonl", "parquet")
-_FORMS = "'stdlib', 'glob:PATTERN', 'jsonl:PATTERN' or 'parquet:PATTERN'"
+_PATTERN_KINDS = ("glob", "jsonl", "parquet", "hf")
+_FORMS = "'stdlib', 'glob:PATTERN', 'jsonl:PATTERN', 'parquet:PATTERN' or 'hf:DIR'"
+# Files that mark a Hugging Face `datasets` directory (save_to_disk writes the first two or the third).
+_HF_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
+
+
+class MissingPackageError(ImportError, ValueError):
+  """An optional package a source or tokenizer needs; a ValueError too, so CLIs print one line."""
 
 
 class Document(NamedTuple):
@@ -56,6 +66,10 @@ def parse_source(spec: str) -> tuple[str, str]:
   kind, sep, pattern = spec.partition(":")
   if sep and kind in _PATTERN_KINDS:
     return kind, pattern
+  if os.path.isdir(os.path.expanduser(spec)):
+    if _is_hf_dataset(os.path.expanduser(spec)):
+      return "hf", spec
+    raise ValueError(f"data.source = {spec!r} is a directory; {_directory_hint(spec)}")
   if spec.endswith(".jsonl"):
     return "jsonl", spec
   if spec.endswith(".parquet"):
@@ -75,6 +89,26 @@ def in_validation(key: str, val_percent: float) -> bool:
   return _key_hash(key) % 10000 < round(val_percent * 100)
 
 
+class SourceFiles(NamedTuple):
+  kind: str         # 'stdlib', 'glob', 'jsonl', 'parquet' or 'hf'
+  root: str         # document keys are file paths relative to it
+  files: list[str]  # in key-hash order: a spread-out sample comes first
+
+
+def source_files(spec: str) -> SourceFiles:
+  """The source's files, in the order documents() reads them; raises when there are none."""
+  kind, pattern = parse_source(spec)
+  root, files = _list_files(spec, kind, pattern)
+  return SourceFiles(kind, root, sorted(files, key=lambda p: _key_hash(_relative(p, root))))
+
+
+def file_documents(kind: str, path: str, root: str, text_field: str) -> Iterator[Document]:
+  """The non-empty documents of one source file, of both splits, in file order."""
+  for key, text in _READERS[kind](path, _relative(path, root), text_field):
+    if text:
+      yield Document(key, text)
+
+
 def documents(spec: str, split: str, *, val_percent: float, max_bytes: int = 0,
               text_field: str = "text") -> Iterator[Document]:
   """Yields the split's non-empty documents; with max_bytes > 0, stops after the one crossing it.
@@ -83,16 +117,14 @@ def documents(spec: str, split: str, *, val_percent: float, max_bytes: int = 0,
   """
   if split not in SPLITS:
     raise ValueError(f"split = {split!r}; expected one of {SPLITS}")
-  kind, pattern = parse_source(spec)
-  root, files = _list_files(spec, kind, pattern)
-  read = _READERS[kind]
+  source = source_files(spec)
   n_bytes = 0
-  for path in sorted(files, key=lambda p: _key_hash(_relative(p, root))):
-    for key, text in read(path, _relative(path, root), text_field):
-      if not text or in_validation(key, val_percent) != (split == "val"):
+  for path in source.files:
+    for doc in file_documents(source.kind, path, source.root, text_field):
+      if in_validation(doc.key, val_percent) != (split == "val"):
         continue
-      yield Document(key, text)
-      n_bytes += len(text.encode("utf-8"))
+      yield doc
+      n_bytes += len(doc.text.encode("utf-8"))
       if max_bytes and n_bytes >= max_bytes:
         return
 
@@ -119,11 +151,66 @@ def _list_files(spec: str, kind: str, pattern: str) -> tuple[str, list[str]]:
       raise ValueError(f"data.source = 'stdlib' but {root} holds no .py files (this Python ships "
                        f"without its sources); set data.source to {_FORMS}")
     return str(root), files
+  if kind == "hf":
+    return os.path.expanduser(pattern), _hf_files(spec, os.path.expanduser(pattern))
+  if os.path.isdir(os.path.expanduser(pattern)):
+    raise ValueError(f"data.source = {spec!r} names a directory; {_directory_hint(pattern)}")
   files = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
   if not files:
     raise ValueError(f"data.source = {spec!r} matched no files; expected {_FORMS} naming existing "
                      f"files (check the path, and quote the pattern so the shell does not expand it)")
   return _pattern_root(os.path.expanduser(pattern)), files
+
+
+def _is_hf_dataset(directory: str) -> bool:
+  return any(os.path.exists(os.path.join(directory, name)) for name in _HF_MARKERS)
+
+
+def _hf_files(spec: str, directory: str) -> list[str]:
+  """A `datasets` directory's data files: save_to_disk's Arrow files, else its Parquet files.
+
+  A DatasetDict (dataset_dict.json) is read through its 'train' split; Parquet files named for
+  splits (the Hub's data/train-00000-of-00002.parquet) are read for 'train' only. moa_jax makes its
+  own validation split from what is read (data.val_percent).
+  """
+  if not os.path.isdir(directory):
+    raise ValueError(f"data.source = {spec!r}: {directory} is not a directory; give hf:DIR, where "
+                     f"DIR is a Hugging Face dataset saved with save_to_disk or holding Parquet files")
+  dict_file = os.path.join(directory, "dataset_dict.json")
+  if os.path.exists(dict_file):
+    with open(dict_file, encoding="utf-8") as f:
+      splits = json.load(f).get("splits", [])
+    if "train" not in splits:
+      raise ValueError(f"data.source = {spec!r} is a DatasetDict without a 'train' split; name one "
+                       f"of its splits {splits}: hf:{os.path.join(directory, '<split>')}")
+    return _hf_files(spec, os.path.join(directory, "train"))
+  files = sorted(glob.glob(os.path.join(directory, "*.arrow")))
+  if not files:
+    files = sorted(glob.glob(os.path.join(directory, "**", "*.parquet"), recursive=True))
+    train = [p for p in files if os.path.basename(p).startswith("train")]
+    files = train or files
+  if not files:
+    raise ValueError(f"data.source = {spec!r} holds no .arrow or .parquet files; give a directory "
+                     f"written by Dataset.save_to_disk or holding Parquet files")
+  return files
+
+
+def _directory_hint(directory: str) -> str:
+  """What to write instead of a bare directory, from the kinds of files under it."""
+  directory = os.path.expanduser(directory).rstrip("/")
+  counts: dict[str, int] = {}
+  for path in glob.iglob(os.path.join(directory, "**", "*"), recursive=True):
+    if os.path.isfile(path):
+      ext = os.path.splitext(path)[1] or "(no extension)"
+      counts[ext] = counts.get(ext, 0) + 1
+  if not counts:
+    return f"it holds no files; give {_FORMS} naming files with text"
+  ext = max(counts, key=counts.get)
+  kind = {".jsonl": "jsonl", ".parquet": "parquet"}.get(ext, "glob")
+  found = ", ".join(f"{n} {e}" for e, n in sorted(counts.items(), key=lambda kv: -kv[1])[:4])
+  suffix = f"*{ext}" if ext.startswith(".") else "*"
+  return (f"name the files to read, e.g. data.source='{kind}:{directory}/**/{suffix}' "
+          f"(it holds {found} files)")
 
 
 def _pattern_root(pattern: str) -> str:
@@ -150,11 +237,23 @@ def _read_text_file(path: str, key: str, text_field: str) -> Iterator[tuple[str,
 
 
 def _read_jsonl(path: str, key: str, text_field: str) -> Iterator[tuple[str, str]]:
-  with open(path, encoding="utf-8") as f:
-    for row, line in enumerate(f):
+  with open(path, "rb") as f:
+    for row, raw in enumerate(f):  # row + 1 is the line number: blank lines are counted too
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path} line {row + 1} is not UTF-8 ({e.reason} at byte {e.start}); "
+                         f"convert the file to UTF-8 or leave it out of data.source") from e
       if not line.strip():
         continue
-      record = json.loads(line)
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {row + 1} is not valid JSON ({e.msg} at column {e.colno}); "
+                         f"fix or remove that line") from e
+      if not isinstance(record, dict):
+        raise ValueError(f"{path} line {row + 1} is a JSON {type(record).__name__}, not an object; "
+                         f"each line must be an object with a data.text_field = {text_field!r} field")
       if text_field not in record:
         raise ValueError(f"{path} line {row + 1} has no field data.text_field = {text_field!r}; "
                          f"its fields are {sorted(record)}; set --data.text_field to one of them")
@@ -165,20 +264,60 @@ def _read_jsonl(path: str, key: str, text_field: str) -> Iterator[tuple[str, str
       yield f"{key}:{row}", text
 
 
-def _read_parquet(path: str, key: str, text_field: str) -> Iterator[tuple[str, str | None]]:
+def _pyarrow(path: str):
   try:
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    import pyarrow  # pylint: disable=g-import-not-at-top
+    import pyarrow.parquet  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
-    raise ImportError(f"reading {path} needs pyarrow; pip install 'moa_jax[data]' "
-                      f"(or pip install pyarrow)") from e
-  parquet_file = pq.ParquetFile(path)
-  columns = parquet_file.schema_arrow.names
+    raise MissingPackageError(f"reading {path} needs pyarrow; pip install 'moa_jax[data]' "
+                              f"(or pip install pyarrow)") from e
+  return pyarrow
+
+
+def _read_parquet(path: str, key: str, text_field: str) -> Iterator[tuple[str, str | None]]:
+  pa = _pyarrow(path)
+  try:
+    parquet_file = pa.parquet.ParquetFile(path)
+  except pa.ArrowException as e:
+    raise ValueError(f"{path} is not a readable Parquet file ({e}); leave it out of data.source") from e
+  yield from _column_rows(path, key, text_field, parquet_file.schema_arrow.names,
+                          parquet_file.iter_batches(columns=[text_field]))
+
+
+def _read_hf_file(path: str, key: str, text_field: str) -> Iterator[tuple[str, str | None]]:
+  """One data file of a `datasets` directory: Parquet, or save_to_disk's Arrow stream."""
+  if path.endswith(".parquet"):
+    yield from _read_parquet(path, key, text_field)
+    return
+  pa = _pyarrow(path)
+  with pa.memory_map(path) as source:
+    try:
+      reader = pa.ipc.open_stream(source)
+    except pa.ArrowInvalid:
+      source.seek(0)
+      try:
+        reader = pa.ipc.open_file(source)
+      except pa.ArrowInvalid as e:
+        raise ValueError(f"{path} is not an Arrow file ({e}); leave it out of data.source") from e
+      batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+    else:
+      batches = iter(reader)
+    yield from _column_rows(path, key, text_field, reader.schema.names,
+                            (batch.select([text_field]) for batch in batches))
+
+
+def _column_rows(path: str, key: str, text_field: str, columns: list[str],
+                 batches: Iterator[Any]) -> Iterator[tuple[str, str | None]]:
+  """(key:row, text) for every row of one-column record batches."""
   if text_field not in columns:
     raise ValueError(f"{path} has no column data.text_field = {text_field!r}; its columns are "
                      f"{columns}; set --data.text_field to one of them")
   row = 0
-  for batch in parquet_file.iter_batches(columns=[text_field]):
+  for batch in batches:
     for text in batch.column(0).to_pylist():  # nulls arrive as None, skipped like empty text
+      if text is not None and not isinstance(text, str):
+        raise ValueError(f"{path} row {row}: column {text_field!r} holds a "
+                         f"{type(text).__name__}, expected a string")
       yield f"{key}:{row}", text
       row += 1
 
@@ -189,4 +328,5 @@ _READERS: dict[str, Callable[[str, str, str], Iterator[tuple[str, str | None]]]]
     "glob": _read_text_file,
     "jsonl": _read_jsonl,
     "parquet": _read_parquet,
+    "hf": _read_hf_file,
 }

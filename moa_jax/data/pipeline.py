@@ -6,6 +6,7 @@ but the first is a target exactly once; the last partial window (fewer than T + 
 
     train: windows -> shuffle(seed) -> this process's slice -> repeat forever -> batch -> split
     eval:  windows ->                  this process's slice -> repeat forever -> batch -> split
+    eval subset: windows -> shuffle(EVAL_SEED) -> this process's slice -> batch (the first n batches)
 
 The shuffle is global and identical on every process, and each epoch is reshuffled (Grain folds
 the epoch into the seed). Each process keeps windows process_index, process_index + P, ... of
@@ -27,6 +28,9 @@ from moa_jax.data.tokenizer import Tokenizer
 
 # Batches are cheap memmap slices: two reader threads keep up, and a short buffer bounds memory.
 _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+
+# The eval subset's shuffle seed: one fixed subset for every run, whatever its train.seed.
+EVAL_SEED = 20_241_129
 
 Batch = dict[str, np.ndarray]  # {"inputs": (B, T) int32, "targets": (B, T) int32}
 
@@ -56,6 +60,9 @@ class Data:
   val_tokens: int
   _train: grain.MapDataset = dataclasses.field(repr=False)
   _eval: grain.MapDataset = dataclasses.field(repr=False)
+  _eval_shuffled: grain.MapDataset = dataclasses.field(repr=False)
+  _eval_windows: int = 0  # this process's validation windows
+  _batch_size: int = 1    # this process's batch size
 
   def train_iter(self) -> grain.DatasetIterator:
     """A fresh iterator over this process's training batches, forever; checkpoint its get_state()."""
@@ -67,6 +74,20 @@ class Data:
     When n_batches * batch_size exceeds the process's validation windows, they repeat from the start.
     """
     return iter(self._eval[:n_batches].to_iter_dataset(_READ_OPTIONS))
+
+  def eval_subset(self, n_batches: int) -> Iterator[Batch]:
+    """A fixed, shuffled subset of this process's validation windows: the same n_batches batches on
+    every call, in every run of every seed (shuffled with EVAL_SEED, not train.seed), so a prefix of
+    the split (one part of one file) does not stand in for all of it. Capped at the whole split (all
+    full batches; one batch, wrapping around, when the split holds fewer windows than a batch).
+    """
+    n = min(n_batches, self.eval_subset_batches)
+    return iter(self._eval_shuffled[:n].to_iter_dataset(_READ_OPTIONS))
+
+  @property
+  def eval_subset_batches(self) -> int:
+    """How many batches the whole shuffled validation split makes (at least one)."""
+    return max(1, self._eval_windows // self._batch_size)
 
 
 def make_datasets(data_config: Any, *, vocab_size: int, seq_len: int, global_batch_size: int,
@@ -91,6 +112,9 @@ def make_datasets(data_config: Any, *, vocab_size: int, seq_len: int, global_bat
       val_tokens=prepared.meta["splits"]["val"]["n_tokens"],
       _train=_batches(train.shuffle(seed), batch_size, process_index, process_count),
       _eval=_batches(val, batch_size, process_index, process_count),
+      _eval_shuffled=_batches(val.shuffle(EVAL_SEED), batch_size, process_index, process_count),
+      _eval_windows=len(val) // process_count,
+      _batch_size=batch_size,
   )
 
 

@@ -1,41 +1,61 @@
-"""Source -> tokenizer -> flat token files, cached and reused.
+"""Source -> tokenizer -> sharded token files, cached, resumable, split across processes and hosts.
 
     python -m moa_jax.data.prepare --source=stdlib --vocab_size=8192 --cache_dir=/tmp/moa_cache
+    # a pod: every host runs its share into one shared cache (N hosts, this is host I)
+    python -m moa_jax.data.prepare --source=jsonl:/data/*.jsonl --cache_dir=gs://bucket/cache \
+        --num_shards=N --shard_index=I
 
-One prepared set is a subdirectory of the cache root, named for its key (source, tokenizer,
-vocab size when a BPE is trained, val_percent, max_bytes, text_field):
+One prepared set is a subdirectory of the cache root (local or gs://), named for its key (source,
+tokenizer, vocab size when a BPE is trained, val_percent, max_bytes, text_field):
 
     <cache_root>/stdlib-bpe8192-<hash>/
-      tokenizer.json   the trained BPE (absent when data.tokenizer names a file)
-      train.bin        token ids, every document followed by eos; uint16 if vocab_size <= 2**16
-      val.bin          else uint32
-      meta.json        written last and atomically: a set is complete iff its meta.json is
+      tokenizer.json                 the trained BPE (absent when data.tokenizer names a file)
+      train-00003-of-00016.bin       shard 3's tokens (shards.py: raw uint16 / uint32, every
+      val-00003-of-00016.bin         document followed by eos)
+      shard-00003-of-00016.json      shard 3's counts, written last: the shard is done iff it exists
+      meta.json                      the index (every shard's token counts), written once all
+                                     shards are done: a set is complete iff its meta.json is
+
+Shards. The source's files, in key-hash order, are cut into contiguous groups of about
+_SHARD_BYTES (at least _MIN_SHARDS groups when there are that many files); the grouping depends on
+the files alone, so every host computes the same one. Process I of N (--shard_index/--num_shards)
+tokenizes shards I, I + N, ...; shards already done are skipped, so a killed run resumes where it
+stopped. Within a process, _IN_FLIGHT shards run at once: the tokenizers library encodes each
+1 MB batch on every core with the GIL released, while the other shard reads and writes. A
+`max_bytes` cap (tests, tiny runs) makes one shard of the capped documents.
 
 The key names the source spec, not the files' contents: after editing a glob / JSONL / Parquet
-source in place, delete its directory to prepare it again. Every file is written under a unique
-temporary name and renamed, so processes preparing the same set at once never see partial files.
+source in place, delete its directory to prepare it again. Every file is written under a temporary
+name and renamed (atomic.py), so processes preparing the same set at once never see partial files;
+the temporaries of a killed run are removed by the next one.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import time
-import uuid
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from absl import logging
+from etils import epath
 import numpy as np
 import tqdm
 
-from moa_jax.data import corpus
+from moa_jax.data import atomic, corpus, shards
 from moa_jax.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
-VERSION = 2  # 2: the stdlib corpus leaves out encodings/
-_ENCODE_CHUNK_BYTES = 2**20  # text per encode_batch call: big enough to use every core
+VERSION = 3  # 3: sharded token files with an index; 2: the stdlib corpus leaves out encodings/
+_ENCODE_CHUNK_BYTES = 2**20   # text per encode_batch call: big enough to use every core
+_SHARD_BYTES = 64 * 2**20     # source bytes per shard, about
+_MIN_SHARDS = 16              # shards to cut a source into when it has that many files
+_IN_FLIGHT = 2                # shards tokenized at once by one process
+_TOKENIZER_WAIT_S = 3600      # how long processes other than shard 0's wait for its BPE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +64,16 @@ class PreparedData:
   tokenizer: Tokenizer
   meta: dict[str, Any]
 
-  def tokens(self, split: str) -> np.ndarray:
-    """The split's token stream (N,), memory-mapped read-only."""
-    if self.meta["splits"][split]["n_tokens"] == 0:
-      return np.zeros(0, self.meta["dtype"])
-    return np.memmap(os.path.join(self.directory, f"{split}.bin"), self.meta["dtype"], mode="r")
+  def tokens(self, split: str) -> shards.TokenStream:
+    """The split's token stream (N,): its shards, memory-mapped (local) or read by range (gs://)."""
+    info = self.meta["splits"][split]
+    return shards.TokenStream(self.directory, split, info["shards"], self.meta["dtype"])
+
+
+class _Shard(NamedTuple):
+  index: int
+  n_bytes: int                                     # source bytes, for progress
+  documents: Callable[[], Iterator[corpus.Document]]  # both splits' documents, in order
 
 
 def default_cache_root() -> str:
@@ -56,15 +81,21 @@ def default_cache_root() -> str:
 
 
 def prepare(source: str, vocab_size: int, cache_dir: str, tokenizer: str | None = None,
-            text_field: str = "text", val_percent: float = 2.0,
-            max_bytes: int | None = None) -> PreparedData:
+            text_field: str = "text", val_percent: float = 2.0, max_bytes: int | None = None, *,
+            shard_index: int = 0, num_shards: int = 1) -> PreparedData | None:
   """Trains or loads the tokenizer and tokenizes both splits, unless the set is already cached.
 
   vocab_size: the model's vocabulary; the size of the BPE to train, or the bound a given
     tokenizer must fit in. cache_dir: the cache root ('' = $MOA_JAX_CACHE or ~/.cache/moa_jax).
     max_bytes: caps the text read (None or 0 = all): about max_bytes * (1 - val_percent / 100)
     for train and max_bytes * val_percent / 100 for val, each keeping at least one document.
+    shard_index, num_shards: this process tokenizes shards shard_index, shard_index + num_shards,
+    ...; with num_shards > 1 the BPE is trained by shard_index 0 and the others wait for it.
+  Returns the set, or None when shards of other processes are still missing.
   """
+  if not 0 <= shard_index < num_shards:
+    raise ValueError(f"--shard_index = {shard_index} with --num_shards = {num_shards}; give "
+                     f"0 <= shard_index < num_shards (one index per process)")
   given = load_tokenizer(tokenizer) if tokenizer else None
   key = {
       "version": VERSION,
@@ -77,8 +108,7 @@ def prepare(source: str, vocab_size: int, cache_dir: str, tokenizer: str | None 
   kind, _ = corpus.parse_source(source)
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
   name = f"{kind}-{'tok' if tokenizer else f'bpe{vocab_size}'}-{digest}"
-  directory = os.path.join(cache_dir or default_cache_root(), name)
-  os.makedirs(directory, exist_ok=True)
+  directory = epath.Path(cache_dir or default_cache_root()) / name
 
   def split_documents(split: str) -> Iterator[corpus.Document]:
     return corpus.documents(source, split, val_percent=val_percent, text_field=text_field,
@@ -89,23 +119,178 @@ def prepare(source: str, vocab_size: int, cache_dir: str, tokenizer: str | None 
     raise ValueError(f"data.source = {source!r} has no non-empty training documents (with "
                      f"data.val_percent = {val_percent}); give a source with text, or lower "
                      f"data.val_percent")
-  tok = given or _trained_bpe(directory, vocab_size, split_documents("train"))
+  directory.mkdir(parents=True, exist_ok=True)
+  if meta is None:
+    removed = atomic.remove_stale(directory)
+    if removed:
+      logging.info("removed %d temporary files left by a killed run in %s", len(removed), directory)
+  tok = given or _trained_bpe(directory, vocab_size, split_documents("train"),
+                              wait=meta is None and shard_index > 0)
   if tok.vocab_size > vocab_size:
     raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but model.vocab_size = "
                      f"{vocab_size}; set --config.model.vocab_size={tok.vocab_size} or larger")
   if meta is None:
-    meta = _write_set(directory, key, source, tok, split_documents)
-  return PreparedData(directory, tok, meta)
+    plan = _plan(source, text_field, max_bytes or 0, split_documents)
+    _write_shards(directory, plan[shard_index::num_shards], len(plan), tok, val_percent)
+    meta = _index(directory, key, source, tok, len(plan))
+    if meta is None:
+      return None
+  return PreparedData(os.fspath(directory), tok, meta)
 
 
-def _trained_bpe(directory: str, vocab_size: int,
-                 train_documents: Iterable[corpus.Document]) -> Tokenizer:
-  """The set's BPE: loaded when an earlier run trained it, else trained now."""
-  path = os.path.join(directory, "tokenizer.json")
-  if os.path.exists(path):
-    return load_tokenizer(path)
+def default_shard_count(n_files: int, n_bytes: int) -> int:
+  """Shards for a source: about _SHARD_BYTES each, and at least _MIN_SHARDS if files allow."""
+  return max(1, min(n_files, max(_MIN_SHARDS, -(-n_bytes // _SHARD_BYTES))))
+
+
+def _plan(source: str, text_field: str, max_bytes: int,
+          split_documents: Callable[[str], Iterator[corpus.Document]]) -> list[_Shard]:
+  """The set's shards: contiguous groups of files of about equal size; one shard when capped."""
+  if max_bytes:
+    return [_Shard(0, max_bytes,
+                   lambda: itertools.chain(split_documents("train"), split_documents("val")))]
+  files = corpus.source_files(source)
+  sizes = [os.path.getsize(path) for path in files.files]
+  count = default_shard_count(len(sizes), sum(sizes))
+  bounds = np.searchsorted(np.cumsum(sizes), np.arange(1, count) * sum(sizes) / count) + 1
+  groups = np.split(np.arange(len(sizes)), np.minimum(bounds, len(sizes)))
+
+  def documents(group: np.ndarray) -> Callable[[], Iterator[corpus.Document]]:
+    return lambda: itertools.chain.from_iterable(
+        corpus.file_documents(files.kind, files.files[i], files.root, text_field) for i in group)
+
+  return [_Shard(index, sum(sizes[i] for i in group), documents(group))
+          for index, group in enumerate(groups)]
+
+
+def _write_shards(directory: epath.Path, mine: list[_Shard], count: int, tok: Tokenizer,
+                  val_percent: float) -> None:
+  todo = [s for s in mine if not (directory / shards.marker_file(s.index, count)).exists()]
+  if len(todo) < len(mine):
+    logging.info("%d of this process's %d shards are done already; tokenizing the other %d",
+                 len(mine) - len(todo), len(mine), len(todo))
+  if not todo:
+    return
+  dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+  with tqdm.tqdm(desc=f"tokenize {len(todo)} of {count} shards",
+                 total=sum(s.n_bytes for s in todo), unit="B", unit_scale=True) as bar, \
+       concurrent.futures.ThreadPoolExecutor(_IN_FLIGHT) as pool:
+    futures = [pool.submit(_write_shard, directory, s, count, tok, dtype, val_percent, bar.update)
+               for s in todo]
+    try:
+      for future in concurrent.futures.as_completed(futures):
+        future.result()
+    except BaseException:
+      pool.shutdown(cancel_futures=True)  # a shard in flight finishes (and is kept) or fails
+      raise
+
+
+def _write_shard(directory: epath.Path, shard: _Shard, count: int, tok: Tokenizer, dtype: type,
+                 val_percent: float, progress: Callable[[int], Any]) -> None:
+  writers = {split: _SplitWriter(directory / shards.token_file(split, shard.index, count), tok,
+                                 dtype, progress) for split in corpus.SPLITS}
+  try:
+    for doc in shard.documents():
+      writers["val" if corpus.in_validation(doc.key, val_percent) else "train"].add(doc.text)
+    counts = {split: writer.close() for split, writer in writers.items()}
+  except BaseException:
+    for writer in writers.values():
+      writer.discard()
+    raise
+  atomic.write_bytes(directory / shards.marker_file(shard.index, count),
+                     json.dumps({"index": shard.index, "count": count, "splits": counts}).encode())
+
+
+class _SplitWriter:
+  """Encodes texts in ~1 MB batches and appends ids + eos to a temporary file; close() renames it."""
+
+  def __init__(self, path: epath.Path, tok: Tokenizer, dtype: type,
+               progress: Callable[[int], Any]):
+    self._path, self._tok, self._dtype, self._progress = path, tok, dtype, progress
+    self._tmp = atomic.tmp_path(path)
+    self._file = self._tmp.open("wb")
+    self._texts: list[str] = []
+    self._pending = 0
+    self.counts = {"n_tokens": 0, "n_docs": 0, "n_bytes": 0}
+
+  def add(self, text: str) -> None:
+    self._texts.append(text)
+    self._pending += len(text)
+    if self._pending >= _ENCODE_CHUNK_BYTES:
+      self._flush()
+
+  def close(self) -> dict[str, int]:
+    self._flush()
+    self._file.close()
+    self._tmp.replace(self._path)
+    return self.counts
+
+  def discard(self) -> None:
+    self._file.close()
+    self._tmp.unlink(missing_ok=True)
+
+  def _flush(self) -> None:
+    if not self._texts:
+      return
+    eos = [self._tok.eos_id]
+    ids = self._tok.encode_batch(self._texts)
+    flat = np.concatenate([np.array(doc_ids + eos, self._dtype) for doc_ids in ids])  # (n,)
+    self._file.write(flat.tobytes())
+    n_bytes = sum(len(t.encode("utf-8")) for t in self._texts)
+    self.counts["n_tokens"] += flat.size
+    self.counts["n_docs"] += len(self._texts)
+    self.counts["n_bytes"] += n_bytes
+    self._progress(n_bytes)
+    self._texts, self._pending = [], 0
+
+
+def _index(directory: epath.Path, key: dict[str, Any], source: str, tok: Tokenizer,
+           count: int) -> dict[str, Any] | None:
+  """Writes and returns meta.json once every shard is done; None while some are missing."""
+  done = []
+  for index in range(count):
+    marker = directory / shards.marker_file(index, count)
+    if not marker.exists():
+      logging.info("%d of %d shards are done; the process finishing the last one writes %s",
+                   index, count, directory / "meta.json")
+      return None
+    done.append(json.loads(marker.read_text()))
+  splits = {split: {field: sum(d["splits"][split][field] for d in done)
+                    for field in ("n_tokens", "n_docs", "n_bytes")} for split in corpus.SPLITS}
+  if splits["train"]["n_tokens"] == 0:
+    raise ValueError(f"data.source = {source!r} gave no training tokens; give a source with text")
+  for split in corpus.SPLITS:
+    splits[split]["shards"] = [d["splits"][split]["n_tokens"] for d in done]
+  meta = {
+      "version": VERSION,
+      "key": key,
+      "source": source,
+      "tokenizer": tok.path,
+      "vocab_size": tok.vocab_size,
+      "eos_id": tok.eos_id,
+      "dtype": np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32).name,
+      "num_shards": count,
+      "splits": splits,
+  }
+  atomic.write_bytes(directory / "meta.json", json.dumps(meta, indent=2).encode())
+  return meta
+
+
+def _trained_bpe(directory: epath.Path, vocab_size: int,
+                 train_documents: Iterable[corpus.Document], wait: bool) -> Tokenizer:
+  """The set's BPE: loaded when an earlier run (or shard 0's process, with wait) trained it."""
+  path = directory / "tokenizer.json"
+  start = time.monotonic()
+  while wait and not path.exists():
+    if time.monotonic() - start > _TOKENIZER_WAIT_S:
+      raise ValueError(f"waited {_TOKENIZER_WAIT_S} s for {path}, which the process with "
+                       f"--shard_index=0 trains; start it, or pass --tokenizer")
+    logging.log_every_n_seconds(logging.INFO, "waiting for --shard_index=0 to train %s", 60, path)
+    time.sleep(2)
+  if path.exists():
+    return load_tokenizer(os.fspath(path))
   logging.info("training a %d-token byte-level BPE -> %s", vocab_size, path)
-  return train_bpe((d.text for d in train_documents), vocab_size, path)
+  return train_bpe((d.text for d in train_documents), vocab_size, os.fspath(path))
 
 
 def _split_budget(max_bytes: int, val_percent: float, split: str) -> int:
@@ -116,109 +301,64 @@ def _split_budget(max_bytes: int, val_percent: float, split: str) -> int:
 
 
 def _file_digest(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
+  return hashlib.sha256(epath.Path(path).read_bytes()).hexdigest()
 
 
-def _complete_meta(directory: str, key: dict[str, Any]) -> dict[str, Any] | None:
-  """The cached meta.json when it matches `key` and every token file has its full size."""
+def _complete_meta(directory: epath.Path, key: dict[str, Any]) -> dict[str, Any] | None:
+  """The cached meta.json when it matches `key` (and, locally, every shard has its full size)."""
   try:
-    with open(os.path.join(directory, "meta.json")) as f:
-      meta = json.load(f)
+    meta = json.loads((directory / "meta.json").read_text())
   except FileNotFoundError:
     return None
   if meta.get("key") != key:
     return None
-  itemsize = np.dtype(meta["dtype"]).itemsize
-  for split, info in meta["splits"].items():
-    path = os.path.join(directory, f"{split}.bin")
-    if not os.path.exists(path) or os.path.getsize(path) != info["n_tokens"] * itemsize:
-      return None
+  if shards.is_local(directory):
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split, info in meta["splits"].items():
+      for index, n_tokens in enumerate(info["shards"]):
+        path = directory / shards.token_file(split, index, len(info["shards"]))
+        if not path.exists() or os.path.getsize(path) != n_tokens * itemsize:
+          return None
   return meta
-
-
-def _write_set(directory: str, key: dict[str, Any], source: str, tok: Tokenizer,
-               split_documents: Callable[[str], Iterator[corpus.Document]]) -> dict[str, Any]:
-  dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-  splits = {split: _write_split(tok, split_documents(split), os.path.join(directory, f"{split}.bin"),
-                                dtype, desc=f"tokenize {split}")
-            for split in corpus.SPLITS}
-  meta = {
-      "version": VERSION,
-      "key": key,
-      "source": source,
-      "tokenizer": tok.path,
-      "vocab_size": tok.vocab_size,
-      "eos_id": tok.eos_id,
-      "dtype": np.dtype(dtype).name,
-      "splits": splits,
-  }
-  _atomic_write(os.path.join(directory, "meta.json"), json.dumps(meta, indent=2).encode())
-  return meta
-
-
-def _write_split(tok: Tokenizer, documents: Iterable[corpus.Document], path: str,
-                 dtype: type, desc: str) -> dict[str, int]:
-  """Appends every document's ids and eos to `path`; returns the split's counts."""
-  counts = {"n_tokens": 0, "n_docs": 0, "n_bytes": 0}
-  tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-  with open(tmp, "wb") as f, tqdm.tqdm(desc=desc, unit="B", unit_scale=True) as bar:
-    for texts in _chunks(documents, _ENCODE_CHUNK_BYTES):
-      ids = [doc_ids + [tok.eos_id] for doc_ids in tok.encode_batch(texts)]
-      flat = np.fromiter((i for doc_ids in ids for i in doc_ids), dtype,
-                         count=sum(map(len, ids)))
-      f.write(flat.tobytes())
-      n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-      counts["n_tokens"] += flat.size
-      counts["n_docs"] += len(texts)
-      counts["n_bytes"] += n_bytes
-      bar.update(n_bytes)
-  os.replace(tmp, path)
-  return counts
-
-
-def _chunks(documents: Iterable[corpus.Document], n_bytes: int) -> Iterator[list[str]]:
-  texts, size = [], 0
-  for doc in documents:
-    texts.append(doc.text)
-    size += len(doc.text)
-    if size >= n_bytes:
-      yield texts
-      texts, size = [], 0
-  if texts:
-    yield texts
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--source", default="stdlib",
-                      help="'stdlib', 'glob:PATTERN', 'jsonl:PATTERN' or 'parquet:PATTERN'")
+                      help="'stdlib', 'glob:PATTERN', 'jsonl:PATTERN', 'parquet:PATTERN' or 'hf:DIR'")
   parser.add_argument("--vocab_size", type=int, default=8192,
                       help="model vocabulary: the BPE size to train, or the bound a given "
                            "tokenizer must fit in")
   parser.add_argument("--cache_dir", default="",
-                      help="cache root ('' = $MOA_JAX_CACHE or ~/.cache/moa_jax)")
+                      help="cache root, local or gs:// ('' = $MOA_JAX_CACHE or ~/.cache/moa_jax)")
   parser.add_argument("--tokenizer", default="",
                       help="tokenizer.json or sentencepiece .model ('' = train a byte-level BPE)")
   parser.add_argument("--text_field", default="text",
-                      help="JSONL field / Parquet column holding the text")
+                      help="JSONL field / Parquet or Hugging Face dataset column holding the text")
   parser.add_argument("--val_percent", type=float, default=2.0,
                       help="percent of documents held out for validation")
   parser.add_argument("--max_bytes", type=int, default=0, help="cap on the text read (0 = all)")
+  parser.add_argument("--num_shards", type=int, default=1,
+                      help="processes (hosts) sharing the work; each runs with its --shard_index")
+  parser.add_argument("--shard_index", type=int, default=0,
+                      help="this process's index in [0, num_shards): it tokenizes shards "
+                           "shard_index, shard_index + num_shards, ...")
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
   start = time.perf_counter()
-  prepared = prepare(args.source, args.vocab_size, args.cache_dir, args.tokenizer or None,
-                     args.text_field, args.val_percent, args.max_bytes)
+  try:
+    prepared = prepare(args.source, args.vocab_size, args.cache_dir, args.tokenizer or None,
+                       args.text_field, args.val_percent, args.max_bytes,
+                       shard_index=args.shard_index, num_shards=args.num_shards)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+  if prepared is None:
+    print(f"tokenized this process's shards in {time.perf_counter() - start:.1f} s; the process "
+          f"that finishes the last shard writes meta.json")
+    return
   print(f"prepared {prepared.directory} in {time.perf_counter() - start:.1f} s "
-        f"(vocab_size {prepared.meta['vocab_size']}, {prepared.meta['dtype']})")
+        f"(vocab_size {prepared.meta['vocab_size']}, {prepared.meta['dtype']}, "
+        f"{prepared.meta['num_shards']} shards)")
   for split, info in prepared.meta["splits"].items():
     print(f"  {split}: {info['n_tokens']:,} tokens, {info['n_docs']:,} documents, "
           f"{info['n_bytes']:,} bytes ({info['n_bytes'] / max(info['n_tokens'], 1):.2f} bytes/token)")

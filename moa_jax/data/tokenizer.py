@@ -8,12 +8,14 @@ token, `<|endoftext|>`, on at most `TRAIN_SAMPLE_BYTES` of text; the whole stdli
 from __future__ import annotations
 
 import dataclasses
-import os
-import uuid
 from typing import Callable, Iterable, Iterator, Sequence
 
+from etils import epath
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from moa_jax.data import atomic
+from moa_jax.data.corpus import MissingPackageError
 
 EOS = "<|endoftext|>"
 TRAIN_SAMPLE_BYTES = 64 * 2**20
@@ -41,8 +43,8 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-  """A `tokenizer.json` (Hugging Face tokenizers) or a sentencepiece `.model`."""
-  if not os.path.isfile(path):
+  """A `tokenizer.json` (Hugging Face tokenizers) or a sentencepiece `.model`; local or gs://."""
+  if not epath.Path(path).is_file():
     raise ValueError(f"data.tokenizer = {path!r} is not a file; give a tokenizer.json or a "
                      f"sentencepiece .model, or '' to train a BPE on the training split")
   if path.endswith(".model"):
@@ -62,9 +64,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str) -> Tokenizer:
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                 show_progress=False)
   hf.train_from_iterator(_first_bytes(texts, TRAIN_SAMPLE_BYTES), trainer)
-  tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-  hf.save(tmp)
-  os.replace(tmp, path)
+  atomic.write_bytes(path, hf.to_str().encode("utf-8"))
   return _load_hf(path)
 
 
@@ -79,15 +79,24 @@ def _first_bytes(texts: Iterable[str], n_bytes: int) -> Iterator[str]:
 
 
 def _load_hf(path: str) -> Tokenizer:
-  hf = tokenizers.Tokenizer.from_file(path)
+  try:
+    hf = tokenizers.Tokenizer.from_str(epath.Path(path).read_text())
+  except Exception as e:  # tokenizers raises a bare Exception for unreadable files
+    raise ValueError(f"data.tokenizer = {path!r} is not a tokenizer.json that Hugging Face tokenizers "
+                     f"can read ({str(e).splitlines()[0] if str(e) else type(e).__name__}); give a "
+                     f"tokenizer.json or a sentencepiece .model, or '' to train a BPE") from e
   vocab = hf.get_vocab(with_added_tokens=True)
   eos = next((name for name in _EOS_CANDIDATES if name in vocab), None)
   if eos is None:
     raise ValueError(f"tokenizer {path} has none of the end-of-text tokens {_EOS_CANDIDATES}; add "
                      f"one as a special token (documents are separated by it)")
 
+  # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we never use; both encode
+  # the batch on every core (the library's own thread pool) with the GIL released.
+  encode = getattr(hf, "encode_batch_fast", hf.encode_batch)
+
   def encode_batch(texts: list[str]) -> list[list[int]]:
-    return [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
+    return [e.ids for e in encode(texts, add_special_tokens=False)]
 
   def decode(ids: list[int]) -> str:
     return hf.decode(ids, skip_special_tokens=False)
@@ -100,10 +109,15 @@ def _load_sentencepiece(path: str) -> Tokenizer:
   try:
     import sentencepiece  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(f"data.tokenizer = {path!r} is a sentencepiece model, which needs the "
-                      f"sentencepiece package; pip install 'moa_jax[data]' "
-                      f"(or pip install sentencepiece)") from e
-  sp = sentencepiece.SentencePieceProcessor(model_file=path)
+    raise MissingPackageError(f"data.tokenizer = {path!r} is a sentencepiece model, which needs "
+                              f"the sentencepiece package; pip install 'moa_jax[data]' "
+                              f"(or pip install sentencepiece)") from e
+  try:
+    sp = sentencepiece.SentencePieceProcessor(model_proto=epath.Path(path).read_bytes())
+  except Exception as e:  # sentencepiece raises OSError or RuntimeError for unreadable models
+    raise ValueError(f"data.tokenizer = {path!r} is not a sentencepiece model sentencepiece can "
+                     f"read ({str(e).splitlines()[0] if str(e) else type(e).__name__}); give a "
+                     f"tokenizer.json or a sentencepiece .model, or '' to train a BPE") from e
   if sp.eos_id() < 0:
     raise ValueError(f"sentencepiece model {path} has no end-of-text piece (eos_id = -1); "
                      f"retrain it with --eos_id set (documents are separated by it)")
