@@ -35,6 +35,21 @@ MOE_SIZES = {
     "moe_2b_a0.6b": (1024, 26, 16, 16, 32000, False, 256, 4e-4, 8, 2),
 }
 
+# The run shape a study trains each dense size at (moa_jax.study; SPEC §8): sequences per step, tokens
+# per sequence, warmup as a fraction of the steps, evaluations per run, and config overrides. The
+# steps come from train.tokens_per_param (20 by default). Debug reads 8 MB of the stdlib (3.7M train,
+# 75k val tokens at its 512-token BPE), so 20 tokens per parameter (2.6M) is under one epoch.
+RUN_SHAPES = {
+    "debug": dict(batch_size=16, seq_len=128, warmup_fraction=0.05, evals=10,
+                  overrides={"data.max_bytes": 8_000_000}),
+    "quickstart": dict(batch_size=32, seq_len=256, warmup_fraction=0.05, evals=10, overrides={}),
+    "0.12b": dict(batch_size=256, seq_len=2048, warmup_fraction=0.02, evals=20, overrides={}),
+    "0.35b": dict(batch_size=256, seq_len=2048, warmup_fraction=0.02, evals=20, overrides={}),
+    "0.77b": dict(batch_size=512, seq_len=2048, warmup_fraction=0.02, evals=20, overrides={}),
+    "1.3b": dict(batch_size=512, seq_len=2048, warmup_fraction=0.02, evals=20, overrides={}),
+    "2b": dict(batch_size=512, seq_len=2048, warmup_fraction=0.02, evals=20, overrides={}),
+}
+
 _K7 = PAPER_DICTIONARY
 # name: FFN fields. Type-I ("mlp") variants use F = 4·d, Type-II ("glu") F ≈ 8/3·d: equal matmul params.
 FFN_PRESETS = {
@@ -87,13 +102,16 @@ def ffn_config(ffn: str, d_model: int, multiple: int) -> ml_collections.ConfigDi
 def moe_config(num_experts: int = 0, top_k: int = 2) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       num_experts=num_experts,                   # routed experts E (0: a dense model, the rest unused)
-      top_k=top_k,                               # experts per token (weights renormalised to sum to 1)
+      top_k=top_k,                               # experts per token
       every=1,                                   # MoE in every N-th layer (1: all); n_layers % every == 0
       router="softmax",                          # router scores: softmax | sigmoid
+      normalize_topk=True,                       # top_k > 1: renormalise the chosen scores (top-1: raw score)
       shared_experts=0,                          # always-on experts (one FFN of shared_experts × expert width)
       d_ff_expert=0,                             # expert hidden width (0: model.ffn.d_ff); variant: model.ffn
-      path="dropless",                           # dropless (sort + ragged_dot) | capacity (einsum reference)
+      path="dropless",                           # dropless (grouped matmuls) | capacity (fixed (E, C, D) buffers)
       capacity_factor=1.25,                      # capacity path: slots per expert = ⌈factor·tokens·top_k/E⌉
+      gmm="auto",                                # grouped matmul: auto | tokamax | megablox | ragged_dot
+      buffer_factor=2.0,                         # expert parallelism: receive rows per device pair / balanced
   ))
 
 
@@ -124,8 +142,8 @@ def lm_config(size: str = "debug", ffn: str = "swiglu") -> ml_collections.Config
   c.model.ffn = ffn_config(ffn, d, multiple)
   c.model.moe = moe_config(*row[8:])
   c.loss_weights = ml_collections.ConfigDict(dict(
-      aux_loss=0.01,                             # MoE load-balancing loss weight
-      z_loss=0.001,                              # MoE router z-loss weight
+      aux_loss=0.01,                             # MoE load-balancing loss weight (loss: mean over MoE layers)
+      z_loss=0.001,                              # MoE router z-loss weight (loss: mean over MoE layers)
   ))
   c.data = default_data_config()
   if tiny:
@@ -150,9 +168,18 @@ def lm_config(size: str = "debug", ffn: str = "swiglu") -> ml_collections.Config
       seq_len=256 if size == "quickstart" else (64 if tiny else 2048),            # tokens per sequence
       log_every=10 if tiny else 50,              # steps between metric records
       eval_every=100 if tiny else 1000,          # steps between evaluations (0: only at the end)
-      eval_batches=4 if tiny else 20,            # validation batches per evaluation
+      eval_batches=4 if tiny else 20,            # validation batches per evaluation (when eval_tokens = 0)
+      eval_tokens=0 if tiny else 1 << 20,        # > 0: evaluate on this many tokens (or the whole split)
+      tokens_per_param=20.0,                     # a study run's token budget (moa_jax.study sets steps from it)
       sample_every=50 if size == "quickstart" else (100 if tiny else 0),  # steps between samples (0: never)
       seed=0,                                    # parameter init and data order
+      microbatches=1,                            # gradient accumulation: the batch runs as N scanned microbatches
+                                                 # (batch_size % (N × data·fsdp·expert) == 0; MoE balance loss per microbatch)
+      loss_chunk=0 if tiny else 512,             # positions per cross-entropy chunk, so the (B, T, V) fp32 logits
+                                                 # never exist at once (0: whole sequence; must divide seq_len)
+      profile_steps=(0, 0),                      # (start, count): jax.profiler trace of these steps into
+                                                 # WORKDIR/profile (count 0: off; step 1 compiles, start ≥ 2)
+      profile_processes=(0,),                    # process indices that write a trace
   ))
   c.mesh = ml_collections.ConfigDict(dict(
       data=-1,                                   # pure data parallelism (-1: fill the remaining devices)
@@ -163,6 +190,12 @@ def lm_config(size: str = "debug", ffn: str = "swiglu") -> ml_collections.Config
   c.checkpoint = ml_collections.ConfigDict(dict(
       every=100 if tiny else 1000,               # steps between saves (and one at the end)
       keep=3,                                    # newest checkpoints kept
+  ))
+  c.logging = ml_collections.ConfigDict(dict(
+      wandb_project="",                          # Weights & Biases project ('': W&B off; needs `pip install wandb`)
+      wandb_entity="",                           # W&B team or user ('': your default entity)
+      wandb_run_name="",                         # W&B display name ('': the config's `name`)
+      wandb_mode="",                             # online | offline | disabled ('': wandb's default, online)
   ))
   return c
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -27,10 +26,11 @@ from flax.core import meta
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from moa_jax import checkpoint, optim, runtime, sharding, summary
+from moa_jax import checkpoint, loss, optim, profiling, runtime, sharding, summary, wandb_log
+from moa_jax.loss import cross_entropy
 from moa_jax.data import make_datasets
 from moa_jax.metrics import MetricsWriter, mix_record, moe_record, peak_flops
-from moa_jax.sample import continue_text
+from moa_jax.generate import continue_text
 from moa_jax.transformer import Decoder, model_spec
 
 
@@ -45,34 +45,56 @@ class TrainState:
   opt_state: Any
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Mean next-token loss. logits (B, T, V) float32, targets (B, T) int32."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-
-
 def sown_losses(intermediates) -> dict[str, jax.Array]:
   """Auxiliary losses that layers sow as `self.sow("intermediates", "aux_losses", {name: value})`
-  (MoE router losses), summed over layers and sow calls."""
-  out = {}
+  (MoE router losses), averaged over layers and sow calls: a mean over MoE layers, so a loss weight
+  means the same at any depth (balanced routing gives aux_loss = 1)."""
+  sums, counts = {}, {}
   for path, value in jax.tree_util.tree_leaves_with_path(intermediates):
     keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
     if "aux_losses" in keys[:-1]:
-      out[keys[-1]] = out.get(keys[-1], 0.0) + jnp.sum(value)
-  return out
+      sums[keys[-1]] = sums.get(keys[-1], 0.0) + jnp.sum(value)
+      counts[keys[-1]] = counts.get(keys[-1], 0) + value.size
+  return {k: v / counts[k] for k, v in sums.items()}
 
 
-def make_train_step(model: Decoder, tx: optax.GradientTransformation, lr_schedule, aux_weights: dict):
+def make_train_step(model: Decoder, tx: optax.GradientTransformation, lr_schedule, aux_weights: dict,
+                    microbatches: int = 1, loss_chunk: int = 0):
+  """(state, batch) -> (state, metrics). With microbatches = M > 1 the batch (B, T) runs as M microbatches
+  of B/M sequences in a jax.lax.scan, gradients summed in fp32: loss, gradients and the logged
+  intermediates are the means over microbatches, equal to the unsplit step's (tests/test_accum.py)
+  except the MoE balance loss, which is computed per microbatch. Microbatch j holds rows j, M + j, ...,
+  so each device keeps its own rows when B is a multiple of M × the batch axes."""
   def loss_fn(params, batch):
-    logits, inter = model.apply({"params": params}, batch["inputs"], mutable=["intermediates"])
-    losses = {"lm_loss": cross_entropy(logits, batch["targets"]), **sown_losses(inter)}
+    (hidden, unembed), inter = model.apply({"params": params}, batch["inputs"], return_hidden=True,
+                                           mutable=["intermediates"])
+    lm_loss = loss.chunked_token_losses(hidden, unembed, batch["targets"], loss_chunk).mean()
+    losses = {"lm_loss": lm_loss, **sown_losses(inter)}
     total = losses["lm_loss"] + sum(aux_weights.get(k, 0.0) * v for k, v in losses.items() if k != "lm_loss")
     return total, (losses, inter)
 
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def accumulated_grads(params, batch):
+    if microbatches == 1:
+      return grad_fn(params, batch)
+    split = {k: v.reshape(v.shape[0] // microbatches, microbatches, *v.shape[1:]).swapaxes(0, 1)
+             for k, v in batch.items()}                                     # (M, B/M, T)
+
+    def body(grad_sum, micro):
+      out, grads = grad_fn(params, micro)
+      return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads), out
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    grad_sum, outs = jax.lax.scan(body, zeros, split)
+    grads = jax.tree.map(lambda g, p: (g / microbatches).astype(p.dtype), grad_sum, params)
+    return jax.tree.map(lambda x: jnp.mean(x, axis=0), outs), grads
+
   def train_step(state: TrainState, batch):
-    (loss, (losses, inter)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+    (total, (losses, inter)), grads = accumulated_grads(state.params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, **losses, "lr": lr_schedule(state.step), "grad_norm": optax.tree.norm(grads),
+    metrics = {"loss": total, **losses, "lr": lr_schedule(state.step), "grad_norm": optax.tree.norm(grads),
                "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates),
                "intermediates": inter}
     return TrainState(state.step + 1, params, opt_state), metrics
@@ -83,14 +105,20 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation, lr_schedul
 def jit_train_step(run: Run):
   """The sharded, donating jit of train_step that both training and --compile_only use."""
   aux_weights = {k: float(v) for k, v in run.config.get("loss_weights", {}).items()}
-  return jax.jit(make_train_step(run.model, run.tx, run.lr_schedule, aux_weights),
+  c = run.config.train
+  return jax.jit(make_train_step(run.model, run.tx, run.lr_schedule, aux_weights, c.get("microbatches", 1),
+                                 c.get("loss_chunk", 0)),
                  in_shardings=(run.state_shardings, run.batch_sharding),
                  out_shardings=(run.state_shardings, None), donate_argnums=0)
 
 
 def make_eval_step(model: Decoder):
+  """params, batch -> {loss, loss_sq}: the batch's mean next-token loss and the mean of its squared
+  per-sequence losses (for the standard error over sequences; scalars, so every process can read them)."""
   def eval_step(params, batch):
-    return cross_entropy(model.apply({"params": params}, batch["inputs"]), batch["targets"])
+    logits = model.apply({"params": params}, batch["inputs"])
+    per_sequence = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean(axis=-1)  # (B,)
+    return {"loss": per_sequence.mean(), "loss_sq": jnp.square(per_sequence).mean()}
   return eval_step
 
 
@@ -113,11 +141,20 @@ def build(config, with_data: bool = True) -> Run:
   spec = model_spec(config.model)
   if config.train.steps <= 0:
     raise TrainingError(f"train.steps = {config.train.steps}; must be positive")
+  profiling.check_config(config.train, jax.process_count())
   mesh = sharding.make_mesh(config.mesh)
   divisor = sharding.batch_divisor(mesh)
   if config.train.batch_size % divisor:
     raise TrainingError(f"train.batch_size = {config.train.batch_size} does not divide over the mesh's data axes "
                         f"(data × fsdp × expert = {divisor}); use a multiple of {divisor}")
+  micro = config.train.get("microbatches", 1)
+  if not isinstance(micro, int) or micro < 1:
+    raise TrainingError(f"train.microbatches = {micro!r}; must be a positive integer (1: no accumulation)")
+  if config.train.batch_size % (micro * divisor):
+    raise TrainingError(f"train.batch_size = {config.train.batch_size} does not split into train.microbatches = "
+                        f"{micro} microbatches over the mesh's data axes (data × fsdp × expert = {divisor}); use a "
+                        f"batch_size that is a multiple of {micro * divisor}, or fewer microbatches")
+  loss.check_chunk(config.train.get("loss_chunk", 0), config.train.seq_len)
   if config.train.batch_size % jax.process_count():
     raise TrainingError(f"train.batch_size = {config.train.batch_size} does not divide over "
                         f"{jax.process_count()} processes")
@@ -187,14 +224,34 @@ def _set_aside(ckpt: checkpoint.Checkpoints, step: int, error: Exception) -> Non
                   step, ckpt.directory, type(error).__name__, str(error)[:200], where)
 
 
+def eval_batch_count(run: Run) -> int:
+  """Validation batches per evaluation: ⌈train.eval_tokens / tokens per batch⌉ when eval_tokens > 0,
+  else train.eval_batches; never more than the whole split holds."""
+  c = run.config.train
+  tokens = c.get("eval_tokens", 0)
+  wanted = math.ceil(tokens / (c.batch_size * c.seq_len)) if tokens > 0 else c.eval_batches
+  return min(wanted, run.data.eval_subset_batches)
+
+
+def evaluate_with_error(run: Run, eval_fn, params) -> dict:
+  """{eval_loss, eval_loss_se, eval_tokens}: mean next-token loss over the fixed shuffled eval subset
+  (data.eval_subset) and its standard error over sequences, sd / √sequences."""
+  batches = jax.device_get([eval_fn(params, global_batch(run, b)) for b in run.data.eval_subset(eval_batch_count(run))])
+  mean = float(np.mean([b["loss"] for b in batches]))
+  n = len(batches) * run.config.train.batch_size
+  var = max(float(np.mean([b["loss_sq"] for b in batches])) - mean * mean, 0.0) * n / max(n - 1, 1)
+  return {"eval_loss": mean, "eval_loss_se": math.sqrt(var / n),
+          "eval_tokens": n * run.config.train.seq_len}
+
+
 def evaluate(run: Run, eval_fn, params) -> float:
-  losses = [eval_fn(params, global_batch(run, b)) for b in run.data.eval_batches(run.config.train.eval_batches)]
-  return float(np.mean(jax.device_get(losses)))
+  return evaluate_with_error(run, eval_fn, params)["eval_loss"]
 
 
 def _sample_text(run: Run, params, prompt: str = "def ") -> str:
   ids = run.data.tokenizer.encode(prompt)
-  return prompt + continue_text(run, params, ids, 48, temperature=0.8, top_k=40, seed=run.config.train.seed)
+  return prompt + continue_text(run.model, run.data.tokenizer, params, ids, 48, temperature=0.8, top_k=40,
+                                seed=run.config.train.seed)
 
 
 def _save(ckpt, step, state, data_iter, config) -> None:
@@ -205,6 +262,7 @@ def train(config, workdir: str) -> dict:
   """Runs (or resumes) training in `workdir`; returns the last logged record. SIGTERM saves a
   checkpoint at the next step boundary and returns early (the record then has `preempted: True`)."""
   try:
+    wandb_log.check(config)
     run = build(config)
   except ValueError as e:  # config validation: already a message naming the field and the fix
     raise TrainingError(str(e)) from e
@@ -222,21 +280,29 @@ def train(config, workdir: str) -> dict:
   with sharding.mesh_context(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     step_fn = jit_train_step(run)
     eval_fn = jax.jit(make_eval_step(run.model), in_shardings=(run.state_shardings.params, run.batch_sharding))
-    writer = MetricsWriter(workdir, c.steps, start, main_process)
+    writer = MetricsWriter(workdir, c.steps, start, main_process, config)
     peak = peak_flops(jax.devices()[0])
     tokens_per_step = c.batch_size * c.seq_len
     writer.print(f"{config.get('name', 'run')}: {run.summary['total_params'] / 1e6:.2f}M parameters, "
                  f"{jax.device_count()} devices in {jax.process_count()} process(es), mesh {dict(run.mesh.shape)}, "
                  f"steps {start} -> {c.steps}" + (f" (resumed from {ckpt.directory}/{start})" if start else ""))
     last_good, record, window = ckpt.latest_step(), {}, []
-    t0, t_step = time.perf_counter(), start
+    t_step, timer, estimate = start, profiling.StepTimer(), None
+    profiler = profiling.Profiler(c, workdir, writer.print if main_process else print, timer.other)
     try:
       for step in range(start + 1, c.steps + 1):
-        state, metrics = step_fn(state, global_batch(run, next(data_iter)))
+        with profiler.step(step):
+          with timer.data():
+            batch = global_batch(run, next(data_iter))
+          state, metrics = timer.step(step_fn, state, batch, timed=step > start + 1 and (
+              step % c.log_every == 0 or step == c.steps))
+        profiler.after(step, metrics)
         window.append(metrics)
         if step == start + 1:  # exclude compilation from the throughput
           jax.block_until_ready(metrics["loss"])
-          t0, t_step = time.perf_counter(), step
+          estimate = profiling.compiled_memory(step_fn.lower(state, batch).compile())["total"] / profiling.GIB
+          timer.restart()
+          t_step = step
         preempted = guard.stop_requested(step)
         log_now = step % c.log_every == 0 or step == c.steps or preempted
         save_now = ckpt.due(step) or step == c.steps or preempted
@@ -253,34 +319,44 @@ def train(config, workdir: str) -> dict:
                               f"{ckpt.directory}. Lower optim.lr or raise optim.warmup_steps and rerun "
                               "(it resumes from there).")
         if save_now:
-          _save(ckpt, step, state, data_iter, config)
+          with timer.checkpoint():
+            _save(ckpt, step, state, data_iter, config)
           last_good = step
         if log_now:
-          elapsed = time.perf_counter() - t0
+          elapsed = timer.train_sec()  # less checkpoint blocking and sampling
           tok_s = tokens_per_step * (step - t_step) / elapsed
           record = {"step": step, "tokens": step * tokens_per_step,
                     **{k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]},
                     "tokens_per_sec": tok_s,
-                    "mfu": run.summary["flops_per_token"] * tok_s / (peak * jax.device_count()) if peak else None}
+                    "mfu": run.summary["flops_per_token"] * tok_s / (peak * jax.device_count()) if peak else None,
+                    **timer.record(), **profiling.device_memory()}
+          if estimate is not None:  # the first record: XLA's estimate, as --compile_only prints it
+            record["memory_estimate_gib"], estimate = estimate, None
           gates = mix_record(last_intermediates, names)
           if gates:
             record["gates"] = gates
+          gates_std = mix_record(last_intermediates, names, "mix_std")
+          if gates_std:
+            record["gates_std"] = gates_std
           record.update(moe_record(last_intermediates))
           if c.eval_every and step % c.eval_every == 0 or step == c.steps:
-            record["eval_loss"] = evaluate(run, eval_fn, state.params)
+            record.update(evaluate_with_error(run, eval_fn, state.params))
           writer.write(record)
           eta = (c.steps - step) * elapsed / max(step - t_step, 1)
           writer.progress(step, loss=f"{record['loss']:.4f}", eval=record.get("eval_loss") and
                           f"{record['eval_loss']:.4f}", tok_s=f"{tok_s:,.0f}", eta=f"{eta:,.0f}s")
-          t0, t_step = time.perf_counter(), step
+          timer.restart()
+          t_step = step
         if preempted:
           writer.print(f"SIGTERM: saved step {step} in {ckpt.directory}; rerun the same command to resume")
           record = {**record, "preempted": True}
           break
         if c.sample_every and step % c.sample_every == 0:
-          text = _sample_text(run, state.params)  # every process joins the computation
+          with timer.other():
+            text = _sample_text(run, state.params)  # every process joins the computation
           writer.print(f"step {step} sample: {text!r}")
     finally:
+      profiler.stop()
       ckpt.wait()
       ckpt.close()
       writer.close()
@@ -299,10 +375,7 @@ def compile_only(config) -> dict:
                                    sharding=run.batch_sharding) for k in ("inputs", "targets")}
   with sharding.mesh_context(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     compiled = jit_train_step(run).lower(run.abstract_state, batch).compile()
-  mem = compiled.memory_analysis()
-  out = {name: int(getattr(mem, f"{name}_size_in_bytes", 0) or 0)
-         for name in ("argument", "output", "temp", "generated_code", "alias")}
-  out["total"] = out["argument"] + out["output"] + out["temp"] + out["generated_code"] - out["alias"]
+  out = profiling.compiled_memory(compiled)
   stats = jax.devices()[0].memory_stats() or {}
   out["device_limit"] = int(stats.get("bytes_limit", 0))
   return out
@@ -312,7 +385,7 @@ def format_memory(config, mem: dict) -> str:
   gib = lambda b: f"{b / 2**30:8.3f} GiB"
   rows = [("arguments (params, optimizer state, batch)", mem["argument"]), ("outputs", mem["output"]),
           ("  of which aliased to arguments (donated)", mem["alias"]), ("temporaries (activations)", mem["temp"]),
-          ("generated code", mem["generated_code"]), ("total per device", mem["total"])]
+          ("generated code", mem["generated_code"]), ("total per device = memory_estimate_gib", mem["total"])]
   lines = [f"{config.get('name', 'run')}: train step compiled for mesh "
            f"{dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, jax.device_count())))} "
            f"on {jax.device_count()} {jax.devices()[0].platform} devices; memory per device:"]
