@@ -119,22 +119,28 @@ def prepare(source: str, vocab_size: int, cache_dir: str, tokenizer: str | None 
     raise ValueError(f"data.source = {source!r} has no non-empty training documents (with "
                      f"data.val_percent = {val_percent}); give a source with text, or lower "
                      f"data.val_percent")
+  created = not directory.exists()
   directory.mkdir(parents=True, exist_ok=True)
-  if meta is None:
-    removed = atomic.remove_stale(directory)
-    if removed:
-      logging.info("removed %d temporary files left by a killed run in %s", len(removed), directory)
-  tok = given or _trained_bpe(directory, vocab_size, split_documents("train"),
-                              wait=meta is None and shard_index > 0)
-  if tok.vocab_size > vocab_size:
-    raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but model.vocab_size = "
-                     f"{vocab_size}; set --config.model.vocab_size={tok.vocab_size} or larger")
-  if meta is None:
-    plan = _plan(source, text_field, max_bytes or 0, split_documents)
-    _write_shards(directory, plan[shard_index::num_shards], len(plan), tok, val_percent)
-    meta = _index(directory, key, source, tok, len(plan))
+  try:
     if meta is None:
-      return None
+      removed = atomic.remove_stale(directory)
+      if removed:
+        logging.info("removed %d temporary files left by a killed run in %s", len(removed), directory)
+    tok = given or _trained_bpe(directory, vocab_size, split_documents("train"),
+                                wait=meta is None and shard_index > 0)
+    if tok.vocab_size > vocab_size:
+      raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but model.vocab_size = "
+                       f"{vocab_size}; set --config.model.vocab_size={tok.vocab_size} or larger")
+    if meta is None:
+      plan = _plan(source, text_field, max_bytes or 0, split_documents)
+      _write_shards(directory, plan[shard_index::num_shards], len(plan), tok, val_percent)
+      meta = _index(directory, key, source, tok, len(plan))
+  except BaseException:
+    if created and not any(directory.iterdir()):
+      directory.rmdir()  # a failed first attempt leaves no empty set behind
+    raise
+  if meta is None:
+    return None
   return PreparedData(os.fspath(directory), tok, meta)
 
 
