@@ -1,4 +1,4 @@
-"""Grain pipeline: packed fixed windows of a memory-mapped token stream -> {inputs, targets} batches.
+"""Grain pipeline: packed fixed windows of a split's token shards -> {inputs, targets} batches.
 
 Packing: a split is one stream of documents, each followed by eos. Window i is
 tokens[i*T : i*T + T + 1] (T = seq_len), so consecutive windows share one token and every token
