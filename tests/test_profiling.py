@@ -9,6 +9,7 @@ import json
 import os
 import time
 
+import jax.numpy as jnp
 import pytest
 
 from moa_jax import presets, profiling, train
@@ -98,6 +99,25 @@ def test_data_wait_rises_when_the_pipeline_is_slow(runs):
 
 def test_profiling_and_a_slow_pipeline_do_not_change_losses(runs):
   assert [(r["step"], r["loss"]) for r in runs["traced"]] == [(r["step"], r["loss"]) for r in runs["plain"]]
+
+
+def test_step_timer_splits_a_window_into_data_step_and_checkpoint_time():
+  begin = time.perf_counter()
+  timer = profiling.StepTimer()
+  slow_step = lambda state, batch: (time.sleep(0.05), (state + 1, batch))[1]
+  state = jnp.zeros(())
+  for timed in (False, True):
+    with timer.data():
+      time.sleep(0.1)
+    state, _ = timer.step(slow_step, state, jnp.ones(()), timed=timed)
+  with timer.checkpoint():
+    time.sleep(0.1)
+  rec, train_sec = timer.record(), timer.train_sec()
+  assert rec["data_wait_sec"] == pytest.approx(0.1, abs=0.05)  # per step: 2 × 0.1 s over 2 steps
+  assert 0.05 <= rec["step_sec"] < 0.05 + 0.1  # the timed step alone, not its data wait
+  assert rec["checkpoint_sec"] >= 0.1 and train_sec <= time.perf_counter() - begin - 0.1
+  timer.restart()
+  assert timer.record() == {"data_wait_sec": 0.0, "step_sec": None, "checkpoint_sec": 0.0}
 
 
 @pytest.mark.slow  # a second compile: ~40 s on 2 busy cores
