@@ -17,17 +17,22 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")  # the batch is split over every data-like axis
 
-# Logical axis name -> mesh axis (or None: replicated). One table for parameters and activations.
+# Logical axis name -> mesh axis (or None: replicated). One table for parameters and activations. Flax
+# takes, for each logical axis, the first rule whose mesh axes the array does not use yet, in table order:
+# expert weights (experts, embed, mlp) take `expert` for their expert axis, then `embed` falls back to fsdp;
+# every other parameter shards `embed` over fsdp × expert (the expert axis is data parallel outside MoE
+# layers, so dense parameters are not replicated over it).
 LOGICAL_RULES = (
     ("batch", BATCH_AXES),
     ("length", None),
+    ("experts", "expert"),
+    ("embed", ("fsdp", "expert")),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("vocab", "tensor"),
-    ("experts", "expert"),
     ("layers", None),
     ("norm", None),
     ("mix_groups", None),
@@ -82,12 +87,10 @@ def logical_shardings(logical_specs, mesh: Mesh):
 
 def check_divisible(abstract_params, logical_specs, mesh: Mesh) -> None:
   """Every sharded dimension must divide by its mesh axes: say which parameter does not."""
-  rules = dict(LOGICAL_RULES)
   flat_params = jax.tree_util.tree_leaves_with_path(abstract_params)
   flat_specs = jax.tree_util.tree_leaves(logical_specs, is_leaf=lambda x: isinstance(x, P))
   for (path, leaf), spec in zip(flat_params, flat_specs):
-    for dim, name in zip(leaf.shape, spec):
-      axes = rules.get(name)
+    for dim, name, axes in zip(leaf.shape, spec, nn.logical_to_mesh_axes(tuple(spec), LOGICAL_RULES)):
       axes = (axes,) if isinstance(axes, str) else (axes or ())
       size = math.prod(mesh.shape[a] for a in axes)
       if dim % size and name == "experts":

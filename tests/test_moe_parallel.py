@@ -1,6 +1,8 @@
-"""Expert parallelism on 8 fake CPU devices: experts sharded over mesh.expert = 4 or 8, tokens exchanged
-by all-to-all inside shard_map, give the outputs, losses and gradients of mesh.expert = 1 over a few
-training steps, on both paths. Runs in a subprocess (the device count is fixed at jax import)."""
+"""Expert parallelism on 8 fake CPU devices, against a run with no mesh at all (one program, no shard_map):
+losses and every gradient agree on (expert=8), (data=2, expert=4) and (fsdp=4, tensor=2); a receive buffer
+too small for the routing drops exactly the assignments it should and reports them; the compiled train
+step exchanges 4 activation all-to-alls per MoE layer (2 forward, 2 backward) under the default remat
+policy. One subprocess (the device count is fixed at jax import)."""
 
 import os
 import subprocess
@@ -9,76 +11,137 @@ import sys
 import numpy as np
 import pytest
 
-# name: (data, fsdp, tensor, expert), path. data8 / data8_capacity: the expert = 1 references.
-FAST = {
-    "data8": ((8, 1, 1, 1), "dropless"),
+# name: (data, fsdp, tensor, expert), path
+MESHES = {
     "expert8": ((1, 1, 1, 8), "dropless"),
-}
-SLOW = {
     "data2_expert4": ((2, 1, 1, 4), "dropless"),
-    "tensor2_expert4": ((1, 1, 2, 4), "dropless"),
-    "data8_capacity": ((8, 1, 1, 1), "capacity"),
-    "expert8_capacity": ((1, 1, 1, 8), "capacity"),
+    "fsdp4_tensor2": ((1, 4, 2, 1), "dropless"),
 }
-STEPS, LR = 2, 0.5
+SLOW_MESHES = {
+    "expert8_capacity": ((1, 1, 1, 8), "capacity"),
+    "tensor2_expert4": ((1, 1, 2, 4), "dropless"),
+}
 
 
-def _config(mesh, path):
+def _config(mesh, path, buffer_factor=8.0):
   from moa_jax import presets, sharding
   c = presets.lm_config("debug_moe", "bimoa")
   c.model.dtype = "float32"            # exact comparisons: only reduction order differs between meshes
-  c.model.moe.path, c.model.moe.capacity_factor = path, 1.0
+  c.model.moe.path, c.model.moe.capacity_factor, c.model.moe.buffer_factor = path, 1.0, buffer_factor
   for axis, size in zip(sharding.MESH_AXES, mesh):
     c.mesh[axis] = size
   return c
 
 
-def _worker(out_dir: str, group: str) -> None:
+def _grads(run, params, batch, mesh=None):
+  """Losses and gradients of lm + 0.01 aux + 0.001 z, with `mesh` current (None: no mesh at all)."""
+  import contextlib
   import flax.linen as nn
   import jax
+  from moa_jax import sharding, train
+
+  def loss_fn(p):
+    logits, inter = run.model.apply({"params": p}, batch["inputs"], mutable=["intermediates"])
+    losses = {"lm_loss": train.cross_entropy(logits, batch["targets"]), **train.sown_losses(inter)}
+    return losses["lm_loss"] + 0.01 * losses["aux_loss"] + 0.001 * losses["z_loss"], losses
+
+  ctx = ((lambda: sharding.mesh_context(mesh)) if mesh is not None else contextlib.nullcontext)
+  with ctx(), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    kw = {} if mesh is None else {"in_shardings": (run.state_shardings.params,)}
+    (_, losses), grads = jax.device_get(jax.jit(jax.value_and_grad(loss_fn, has_aux=True), **kw)(params))
+  out = {k: np.asarray(v) for k, v in losses.items()}
+  out.update({f"grad{jax.tree_util.keystr(p)}": np.asarray(g) for p, g in jax.tree_util.tree_leaves_with_path(grads)})
+  return out
+
+
+def _overflow(out_dir):
+  """One MoE layer on expert=8 with buffer_factor 0.5: the dense reference with the dropped assignments
+  masked, computed here from the routing (per source device, per destination, in expert order, the
+  first `cap` are kept)."""
+  import jax
   import jax.numpy as jnp
+  from flax.core import meta
+  from moa_jax import sharding
+  from moa_jax.moe import MoE, MoESpec
+  from moa_jax.moe.exchange import per_pair_capacity
+  from moa_jax.moe.reference import dense_reference
+  from moa_jax.ffn import FFNSpec
+  from moa_jax.activations import PAPER_DICTIONARY
+  e, k, b, t, d = 8, 2, 8, 16, 32
+  spec = MoESpec(num_experts=e, top_k=k, buffer_factor=0.5)
+  ffn = FFNSpec(type="glu", mix="moa", activations=PAPER_DICTIONARY, primary="silu", d_ff=64)
+  layer = MoE(spec, ffn, jnp.float32, jnp.float32)
+  x = jax.random.normal(jax.random.key(3), (b, t, d))
+  params = meta.unbox(layer.init(jax.random.key(4), x))["params"]
+  params["router"] = params["router"] + 3 * jax.random.normal(jax.random.key(5), params["router"].shape)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "expert": 8})
+  with sharding.mesh_context(mesh):
+    y, inter = jax.jit(lambda p, x: layer.apply({"params": p}, x, mutable=["intermediates"]))(params, x)
+  _, chosen = dense_reference(spec, ffn, params, x)
+  chosen = np.asarray(chosen).reshape(8, t * k)                      # per source device (one sequence each)
+  cap = per_pair_capacity(t * k, 8, k, 1, 0.5)
+  keep = np.zeros_like(chosen, dtype=np.float32)
+  for s in range(8):
+    order = np.argsort(chosen[s], kind="stable")
+    seen = np.zeros(8, int)
+    for a in order:
+      dest = chosen[s, a]                                            # one expert per device
+      keep[s, a] = seen[dest] < cap
+      seen[dest] += 1
+  expected, _ = dense_reference(spec, ffn, params, x, jnp.asarray(keep.reshape(b, t, k)))
+  np.savez(os.path.join(out_dir, "overflow.npz"), y=np.asarray(y), expected=np.asarray(expected),
+           overflow=np.asarray(inter["intermediates"]["moe_stats"][0]["ep_overflow"]), keep=keep)
+
+
+def _all_to_alls(c):
+  """Activation all-to-alls in the compiled train step (2 MoE layers, scanned: one body each way)."""
+  import jax
+  import jax.numpy as jnp
+  import flax.linen as nn
+  from moa_jax import sharding, train
+  run = train.build(c, with_data=False)
+  batch = {k: jax.ShapeDtypeStruct((c.train.batch_size, c.train.seq_len), jnp.int32, sharding=run.batch_sharding)
+           for k in ("inputs", "targets")}
+  with sharding.mesh_context(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    text = train.jit_train_step(run).lower(run.abstract_state, batch).compile().as_text()
+  return sum(1 for line in text.splitlines() if " all-to-all(" in line and "/moe/" in line)
+
+
+def _worker(out_dir: str, group: str) -> None:
+  import jax
   from flax.core import meta
   from moa_jax import sharding, train
   assert jax.device_count() == 8
   data = np.random.default_rng(0).integers(0, 512, (8, 65))
-  host_params = None
-  for name, (mesh, path) in (FAST if group == "fast" else SLOW).items():
+  host = {"inputs": data[:, :-1], "targets": data[:, 1:]}
+  meshes = MESHES if group == "fast" else SLOW_MESHES
+  params = None
+  results = {}
+  for name, (mesh, path) in meshes.items():
     c = _config(mesh, path)
     run = train.build(c, with_data=False)
-    if host_params is None:  # one initialisation (on one device), placed on every mesh as its rules say
-      host_params = jax.device_get(meta.unbox(jax.jit(run.model.init)(jax.random.key(0), data[:1, :-1]))["params"])
-    params = jax.device_put(host_params, run.state_shardings.params)
-    batch = train.global_batch(run, {"inputs": data[:, :-1], "targets": data[:, 1:]})
-
-    def step(params, batch):  # plain SGD, so each step's gradients show in the next step's parameters
-      def loss_fn(p):
-        logits, inter = run.model.apply({"params": p}, batch["inputs"], mutable=["intermediates"])
-        losses = {"lm_loss": train.cross_entropy(logits, batch["targets"]), **train.sown_losses(inter)}
-        total = losses["lm_loss"] + 0.01 * losses["aux_loss"] + 0.001 * losses["z_loss"]
-        return total, (losses, logits, inter["intermediates"])
-      (loss, (losses, logits, inter)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      return jax.tree.map(lambda p, g: p - LR * g, params, grads), {"loss": loss, **losses}, grads, logits, inter
-
-    with sharding.mesh_context(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-      fn = jax.jit(step, in_shardings=(run.state_shardings.params, run.batch_sharding),
-                   out_shardings=(run.state_shardings.params, None, run.state_shardings.params, None, None))
-      out = {}
-      for i in range(STEPS):
-        params, losses, grads, logits, inter = jax.device_get(fn(params, batch))
-        out.update({f"{i}/{k}": v for k, v in losses.items()})
-        out.update({f"{i}/grad{jax.tree_util.keystr(p)}": g for p, g in jax.tree_util.tree_leaves_with_path(grads)})
-        out[f"{i}/logits"] = logits
-        out[f"{i}/load"] = np.concatenate([v for p, v in jax.tree_util.tree_leaves_with_path(inter)
-                                           if "load" in jax.tree_util.keystr(p)])
-      if name == "expert8":  # one sequence (sampling): the batch does not split over `expert`
-        one = run.model.apply({"params": params}, batch["inputs"][:1])
-        out["one_sequence"] = np.asarray(jax.device_get(one))
-    if name == "expert8":
-      out["one_sequence_ref"] = np.asarray(run.model.apply({"params": jax.device_get(params)},
-                                                           jnp.asarray(data[:1, :-1])))
+    if params is None:  # one initialisation (on one device), placed on every mesh as its rules say
+      params = jax.device_get(meta.unbox(jax.jit(run.model.init)(jax.random.key(0), data[:1, :-1]))["params"])
+    ref_key = f"reference_{path}"
+    if ref_key not in results:
+      results[ref_key] = _grads(run, params, host)
+    batch = train.global_batch(run, host)
+    results[name] = _grads(run, jax.device_put(params, run.state_shardings.params), batch, run.mesh)
+    if name == "expert8":  # one sequence (sampling): the batch does not split over `expert`
+      with sharding.mesh_context(run.mesh):
+        one = run.model.apply({"params": jax.device_put(params, run.state_shardings.params)}, data[:1, :-1])
+      results["one_sequence"] = {"mesh": np.asarray(one), "none": np.asarray(run.model.apply({"params": params},
+                                                                                            data[:1, :-1]))}
+  for name, out in results.items():
     np.savez(os.path.join(out_dir, f"{name}.npz"), **out)
   if group == "slow":
     return
+  _overflow(out_dir)
+  counts = {}
+  for remat in ("save_dots_no_batch", "full"):
+    c = _config((1, 1, 1, 8), "dropless")
+    c.model.remat = remat
+    counts[remat] = _all_to_alls(c)
   bad = _config((1, 1, 1, 4), "dropless")
   bad.model.moe.num_experts, bad.mesh.data = 6, 2
   try:
@@ -86,20 +149,17 @@ def _worker(out_dir: str, group: str) -> None:
     message = "built"
   except ValueError as e:
     message = str(e)
-  with open(os.path.join(out_dir, "error.txt"), "w") as f:
-    f.write(message)
+  with open(os.path.join(out_dir, "misc.txt"), "w") as f:
+    f.write(f"{counts['save_dots_no_batch']} {counts['full']}\n{message}")
 
 
 def _run(tmp_path_factory, group: str):
   out = str(tmp_path_factory.mktemp(f"moe_parallel_{group}"))
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, __file__, out, group], env=env, capture_output=True, text=True, timeout=900)
+  proc = subprocess.run([sys.executable, __file__, out, group], env=env, capture_output=True, text=True, timeout=1800)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-  runs = {name: dict(np.load(os.path.join(out, f"{name}.npz"))) for name in (FAST if group == "fast" else SLOW)}
-  if group == "fast":
-    with open(os.path.join(out, "error.txt")) as f:
-      runs["error"] = f.read()
-  return runs
+  return {f[:-4]: dict(np.load(os.path.join(out, f))) for f in os.listdir(out) if f.endswith(".npz")} | (
+      {"misc": open(os.path.join(out, "misc.txt")).read()} if group == "fast" else {})
 
 
 @pytest.fixture(scope="module")
@@ -108,50 +168,52 @@ def fast(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def slow(tmp_path_factory, fast):
-  return {**fast, **_run(tmp_path_factory, "slow")}
+def slow(tmp_path_factory):
+  return _run(tmp_path_factory, "slow")
 
 
-def _close(a, b, key):
-  # fp32 throughout; meshes reduce in different orders (psums over devices vs local sums).
-  scale = max(float(np.max(np.abs(a))), 1e-6)
-  np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * scale, err_msg=key)
-
-
-def _assert_equal_runs(ref: dict, got: dict) -> None:
-  assert set(ref) <= set(got)
+def _assert_equal(ref: dict, got: dict) -> None:
+  assert set(ref) == set(got)
   for key in ref:
-    _close(ref[key], got[key], key)
-  assert ref["0/aux_loss"] > 0 and ref["0/z_loss"] > 0
-  assert ref["0/lm_loss"] != ref[f"{STEPS - 1}/lm_loss"]
+    # fp32 throughout; meshes reduce in different orders (psums over devices vs local sums).
+    scale = max(float(np.max(np.abs(ref[key]))), 1e-6)
+    np.testing.assert_allclose(got[key], ref[key], rtol=1e-4, atol=1e-5 * scale, err_msg=key)
+  assert ref["aux_loss"] > 0 and ref["z_loss"] > 0
   # Every expert of every layer got tokens, so every expert's gradient was compared.
-  assert np.abs(ref["0/grad['layers']['moe']['experts']['w1']"]).reshape(2, 8, -1).sum(-1).min() > 0
+  assert np.abs(ref["grad['layers']['moe']['experts']['w1']"]).reshape(2, 8, -1).sum(-1).min() > 0
 
 
-def test_expert8_equals_expert1(fast):
-  _assert_equal_runs(fast["data8"], fast["expert8"])
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name,reference", [("data2_expert4", "data8"), ("tensor2_expert4", "data8"),
-                                            ("expert8_capacity", "data8_capacity")])
-def test_expert_parallel_equals_expert1_on_other_meshes_and_the_capacity_path(slow, name, reference):
-  _assert_equal_runs(slow[reference], slow[name])
+@pytest.mark.parametrize("name", list(MESHES))
+def test_meshes_equal_the_run_without_a_mesh(fast, name):
+  _assert_equal(fast["reference_dropless"], fast[name])
 
 
 @pytest.mark.slow
-def test_capacity_one_drops_assignments(slow):
-  assert not np.allclose(slow["data8"]["0/logits"], slow["data8_capacity"]["0/logits"])
+@pytest.mark.parametrize("name", list(SLOW_MESHES))
+def test_more_meshes_and_the_capacity_path_equal_the_run_without_a_mesh(slow, name):
+  _assert_equal(slow[f"reference_{SLOW_MESHES[name][1]}"], slow[name])
+
+
+def test_a_full_receive_buffer_drops_what_it_reports(fast):
+  o = fast["overflow"]
+  assert 0 < float(o["overflow"]) == pytest.approx(1 - o["keep"].mean())
+  np.testing.assert_allclose(o["y"], o["expected"], rtol=1e-4, atol=1e-5)
+
+
+def test_default_remat_repeats_no_all_to_all(fast):
+  saved, full = map(int, fast["misc"].splitlines()[0].split())
+  assert saved == 4, saved   # dispatch and return, forward and backward
+  assert full == 6, full     # `full` remat recomputes the forward exchange in the backward
 
 
 def test_one_sequence_falls_back_to_the_partitioned_program(fast):
-  np.testing.assert_allclose(fast["expert8"]["one_sequence"], fast["expert8"]["one_sequence_ref"],
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(fast["one_sequence"]["mesh"], fast["one_sequence"]["none"], rtol=1e-4, atol=1e-4)
 
 
 def test_experts_not_divisible_by_the_expert_axis(fast):
-  assert "model.moe.num_experts = 6 does not divide over mesh.expert = 4" in fast["error"]
-  assert "use a multiple of mesh.expert experts" in fast["error"]
+  message = fast["misc"].splitlines()[1]
+  assert "model.moe.num_experts = 6 does not divide over mesh.expert = 4" in message
+  assert "use a multiple of mesh.expert experts" in message
 
 
 if __name__ == "__main__":

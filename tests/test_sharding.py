@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from moa_jax import sharding
 
@@ -73,13 +75,24 @@ def test_meshes_give_the_same_losses(results):
 
 def test_parameters_are_sharded_as_the_rules_say(results):
   mixed = results["mixed"]["specs"]
-  assert mixed["w1"] == [None, "fsdp", "tensor"]          # (layers, embed, mlp)
-  assert mixed["wq"][:3] == [None, "fsdp", "tensor"]      # (layers, embed, heads, head_dim)
-  assert mixed["embedding"] == ["tensor", "fsdp"]         # (vocab, embed)
+  fsdp_expert = ["fsdp", "expert"]                        # embed: fsdp × expert (expert = 1 here)
+  assert mixed["w1"] == [None, fsdp_expert, "tensor"]     # (layers, embed, mlp)
+  assert mixed["wq"][:3] == [None, fsdp_expert, "tensor"]  # (layers, embed, heads, head_dim)
+  assert mixed["embedding"] == ["tensor", fsdp_expert]    # (vocab, embed)
   assert mixed["adam_mu_w1"] == mixed["w1"]                               # optimizer state follows params
   assert results["mixed"]["w1_shard"] == [2, 32, 96]                     # (2, 64, 192) over fsdp=2, tensor=2
   assert results["fsdp8"]["w1_shard"] == [2, 8, 192]
   assert results["data8"]["w1_shard"] == [2, 64, 192]
+
+
+def test_dense_parameters_shard_over_fsdp_and_expert_expert_weights_keep_their_axis():
+  rules = sharding.LOGICAL_RULES
+  assert nn.logical_to_mesh_axes(("layers", "embed", "mlp"), rules) == P(None, ("fsdp", "expert"), "tensor")
+  assert nn.logical_to_mesh_axes(("vocab", "embed"), rules) == P("tensor", ("fsdp", "expert"))
+  assert nn.logical_to_mesh_axes(("layers", "experts", "embed", "mlp"), rules) == P(None, "expert", "fsdp", "tensor")
+  assert nn.logical_to_mesh_axes(("layers", "experts", "mlp", "embed"), rules) == P(None, "expert", "tensor", "fsdp")
+  # Activations: the batch takes fsdp and expert, so the model dimension stays whole.
+  assert nn.logical_to_mesh_axes(("batch", "length", "embed"), rules) == P(("data", "fsdp", "expert"), None, None)
 
 
 def test_pallas_kernel_under_a_sharded_mesh_matches_xla(results):

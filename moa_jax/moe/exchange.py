@@ -17,9 +17,9 @@ Transports (`transport`):
     padded  jax.lax.all_to_all of fixed (P, cap, D) buffers: the same rows plus padding. XLA:CPU has no
             ragged all-to-all, so this is the CPU emulation and the reference the tests compare with.
 The experts run on the received rows sorted by local expert, with group sizes counting valid rows only,
-so a grouped-matmul kernel does no work for padding. The rows that arrive and the expert outputs that
-leave are named `moe_dispatched` / `moe_expert_out` for the remat policies, so a backward pass need not
-repeat the exchange.
+so a grouped-matmul kernel does no work for padding. The rows that arrive and the expert outputs once
+back home are named `moe_dispatched` / `moe_expert_out` for the remat policies (the backward needs both:
+the weight gradients and the router-weight gradient), so a backward pass need not repeat the exchange.
 """
 
 from __future__ import annotations
@@ -82,7 +82,6 @@ def exchange_ffn(rows: Array, sorted_e: Array, sizes: Array, p: dict, ffn: FFNSp
   local_sizes = jnp.sum(jax.nn.one_hot(ids, e_loc, dtype=jnp.int32), axis=0)
   inputs = checkpoint_name(recv[order], "moe_dispatched")
   out, coefs = grouped_ffn(inputs, jnp.minimum(ids[order], e_loc - 1), local_sizes, p, ffn, gmm)
-  out = checkpoint_name(out, "moe_expert_out")
   out = jnp.zeros_like(out).at[order].set(out)                             # back to arrival layout
 
   if transport == "ragged":
@@ -91,4 +90,4 @@ def exchange_ffn(rows: Array, sorted_e: Array, sizes: Array, p: dict, ffn: FFNSp
   else:
     back = jax.lax.all_to_all(out.reshape(shards, cap, d), axis, 0, 0, tiled=True)
     back = back.at[dest, slot].get(mode="fill", fill_value=0)
-  return back, coefs, ids[order] < e_loc, dropped
+  return checkpoint_name(back, "moe_expert_out"), coefs, ids[order] < e_loc, dropped

@@ -7,7 +7,8 @@ FLOPs and an O(E·rows·D) buffer. On accelerators the layer uses a kernel made 
 
     auto        tokamax on GPU and TPU, ragged_dot on CPU
     tokamax     tokamax.ragged_dot (Mosaic GPU / Triton on GPU, Mosaic on TPU; XLA elsewhere)
-    megablox    jax's own TPU kernel (jax.experimental.pallas.ops.tpu.megablox.gmm; interpreted off TPU)
+    megablox    jax's own TPU kernel (jax.experimental.pallas.ops.tpu.megablox.gmm): TPU only, and what
+                the tests export for TPU from a CPU to show the accelerator path has no dense expansion
     ragged_dot  jax.lax.ragged_dot
 """
 
@@ -30,17 +31,16 @@ def resolve_gmm(name: str) -> str:
   return "ragged_dot" if jax.default_backend() == "cpu" else "tokamax"
 
 
-def _megablox(x: Array, w: Array, sizes: Array) -> Array:
+def _megablox(x: Array, w: Array, sizes: Array, interpret: bool = False) -> Array:
+  """Mosaic TPU kernel (custom VJP: gmm for the input gradient, tgmm for the weights'). interpret=True
+  runs the kernel body on any backend (tests)."""
   from jax.experimental.pallas.ops.tpu import megablox
   m, k = x.shape
   n = w.shape[-1]
   tm = min(128, -(-m // 8) * 8)
-  pad = -m % tm                                           # the kernel needs m divisible by its tile
-  xp = jnp.pad(x, ((0, pad), (0, 0)))
+  xp = jnp.pad(x, ((0, -m % tm), (0, 0)))               # the kernel needs m divisible by its tile
   tiling = (tm, min(128, k), min(128, n))
-  out = megablox.gmm(xp, w, sizes.astype(jnp.int32), x.dtype, tiling, None, None, False,
-                     jax.default_backend() != "tpu")
-  return out[:m]
+  return megablox.gmm(xp, w, sizes.astype(jnp.int32), x.dtype, tiling, None, None, False, interpret)[:m]
 
 
 def _tokamax(x: Array, w: Array, sizes: Array) -> Array:
