@@ -5,6 +5,7 @@ sleep in every `next()`; neither the trace nor the sleep may change a loss.
 """
 
 import glob
+import gzip
 import json
 import os
 import time
@@ -75,7 +76,10 @@ def runs(data_cache, tmp_path_factory):
 def test_profile_of_two_steps_writes_a_trace_and_says_where(runs):
   traces = glob.glob(os.path.join(runs["traced_dir"], "profile", "plugins", "profile", "*", "*.xplane.pb"))
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
-  assert os.path.exists(os.path.join(os.path.dirname(traces[0]), "perfetto_trace.json.gz"))
+  with gzip.open(os.path.join(os.path.dirname(traces[0]), "perfetto_trace.json.gz")) as f:
+    events = json.load(f)["traceEvents"]
+  steps = [e["args"]["step_num"] for e in events if e.get("name") == "train"]  # StepTraceAnnotation
+  assert steps == ["2", "3"]
   line = [s for s in runs["said"] if s.startswith("profile of steps")]
   assert line == [line[0]] and "steps 2-3" in line[0] and os.path.dirname(traces[0]) in line[0]
   assert f"xprof --logdir {os.path.join(runs['traced_dir'], 'profile')}" in line[0]
