@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moa_jax import loss
 from moa_jax.attention import Attention
 from moa_jax.ffn import FFN, FFNSpec, param
 from moa_jax.moe import MoE, MoESpec
@@ -15,11 +16,16 @@ from moa_jax.moe import MoE, MoESpec
 Array = jax.Array
 
 # Named remat policies for the scanned block: what the backward pass may keep instead of recomputing.
+# The dots policies also keep the MoE's named activations (moa_jax/moe: rows after dispatch, grouped-matmul
+# hidden activations, expert outputs), so the backward repeats neither an all-to-all nor a grouped matmul.
+MOE_SAVED = ("moe_dispatched", "moe_hidden", "moe_expert_out")
+_with_moe = lambda policy: jax.checkpoint_policies.save_from_both_policies(
+    policy, jax.checkpoint_policies.save_only_these_names(*MOE_SAVED))
 REMAT_POLICIES = {
     "none": None,                                                       # no remat: keep everything
     "full": jax.checkpoint_policies.nothing_saveable,                   # recompute the whole block
-    "save_dots": jax.checkpoint_policies.checkpoint_dots,               # keep every matmul output
-    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projections
+    "save_dots": _with_moe(jax.checkpoint_policies.checkpoint_dots),    # keep every matmul output
+    "save_dots_no_batch": _with_moe(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),  # keep projections
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -127,11 +133,12 @@ class BlockGroup(nn.Module):
 
 
 class Decoder(nn.Module):
-  """tokens (B, T) int32 -> logits (B, T, V) float32."""
+  """tokens (B, T) int32 -> logits (B, T, V) float32, or with return_hidden=True the final normed
+  hidden states (B, T, D) in compute dtype and the unembedding (D, V) in param dtype."""
   spec: ModelSpec
 
   @nn.compact
-  def __call__(self, tokens: Array) -> Array:
+  def __call__(self, tokens: Array, return_hidden: bool = False):
     s = self.spec
     dtype, pdtype = DTYPES[s.dtype], DTYPES[s.param_dtype]
     embedding = param(self, "embedding", (s.vocab_size, s.d_model), ("vocab", "embed"),
@@ -151,10 +158,13 @@ class Decoder(nn.Module):
     x, _ = layers(*args, name="layers")(x, positions)
     x = RMSNorm(s.norm_eps, pdtype, name="final_norm")(x)
     if s.tie_embeddings:
-      return jnp.einsum("BTD,VD->BTV", x, embedding.astype(dtype), preferred_element_type=jnp.float32)
-    unembed = param(self, "unembed", (s.d_model, s.vocab_size), ("embed", "vocab"),
-                    nn.initializers.normal(s.d_model**-0.5), pdtype)
-    return jnp.einsum("BTD,DV->BTV", x, unembed.astype(dtype), preferred_element_type=jnp.float32)
+      unembed = embedding.T                                                 # (D, V)
+    else:
+      unembed = param(self, "unembed", (s.d_model, s.vocab_size), ("embed", "vocab"),
+                      nn.initializers.normal(s.d_model**-0.5), pdtype)
+    if return_hidden:  # for moa_jax.loss.chunked_token_losses, which never builds all the logits at once
+      return x, unembed
+    return loss.logits(x, unembed)
 
 
 def model_spec(model_config) -> ModelSpec:
