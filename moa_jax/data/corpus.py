@@ -48,6 +48,8 @@ _PATTERN_KINDS = ("glob", "jsonl", "parquet", "hf")
 _FORMS = "'stdlib', 'glob:PATTERN', 'jsonl:PATTERN', 'parquet:PATTERN' or 'hf:DIR'"
 # Files that mark a Hugging Face `datasets` directory (save_to_disk writes the first two or the third).
 _HF_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
+# Extensions a directory hint prefers to suggest, over whatever else is most common there.
+_TEXT_EXTENSIONS = (".txt", ".md", ".rst", ".jsonl", ".parquet", ".py", ".html", ".json", ".csv")
 
 
 class MissingPackageError(ImportError, ValueError):
@@ -205,9 +207,10 @@ def _directory_hint(directory: str) -> str:
       counts[ext] = counts.get(ext, 0) + 1
   if not counts:
     return f"it holds no files; give {_FORMS} naming files with text"
-  ext = max(counts, key=counts.get)
+  ext = max(counts, key=lambda e: (e in _TEXT_EXTENSIONS, counts[e]))  # text files first
   kind = {".jsonl": "jsonl", ".parquet": "parquet"}.get(ext, "glob")
-  found = ", ".join(f"{n} {e}" for e, n in sorted(counts.items(), key=lambda kv: -kv[1])[:4])
+  others = sorted((e for e in counts if e != ext), key=lambda e: -counts[e])[:3]
+  found = ", ".join(f"{counts[e]} {e}" for e in [ext] + others)
   suffix = f"*{ext}" if ext.startswith(".") else "*"
   return (f"name the files to read, e.g. data.source='{kind}:{directory}/**/{suffix}' "
           f"(it holds {found} files)")
