@@ -64,7 +64,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str) -> Tokenizer:
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                 show_progress=False)
   hf.train_from_iterator(_first_bytes(texts, TRAIN_SAMPLE_BYTES), trainer)
-  atomic.write_bytes(path, hf.to_str().encode("utf-8"))
+  atomic.write_bytes(path, hf.to_str(pretty=True).encode("utf-8"))
   return _load_hf(path)
 
 
