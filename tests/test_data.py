@@ -271,6 +271,12 @@ def test_hf_dataset_dict_reads_train_and_parquet_layout(tmp_path):
   prepared = prepare_lib.prepare(f"hf:{tmp_path}/hub", 300, str(tmp_path / "cache"),
                                  val_percent=30.0)
   assert sorted(_decoded_documents(prepared)) == sorted(texts[:15])
+  for split, rows in (("train", texts[:15]), ("test", texts[15:])):  # the Hub's converted layout
+    (tmp_path / "converted" / "default" / split).mkdir(parents=True)
+    pq.write_table(pa.table({"text": rows}), tmp_path / "converted/default" / split / "0000.parquet")
+  prepared = prepare_lib.prepare(f"hf:{tmp_path}/converted", 300, str(tmp_path / "cache"),
+                                 val_percent=30.0)
+  assert sorted(_decoded_documents(prepared)) == sorted(texts[:15])
 
 
 # Shards: the parallel path, resume, processes sharing the work, reading.

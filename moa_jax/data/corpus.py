@@ -172,16 +172,20 @@ def _hf_files(spec: str, directory: str) -> list[str]:
   """A `datasets` directory's data files: save_to_disk's Arrow files, else its Parquet files.
 
   A DatasetDict (dataset_dict.json) is read through its 'train' split; Parquet files named for
-  splits (the Hub's data/train-00000-of-00002.parquet) are read for 'train' only. moa_jax makes its
-  own validation split from what is read (data.val_percent).
+  splits (the Hub's data/train-00000-of-00002.parquet, or .../train/0000.parquet) are read for
+  'train' only. moa_jax makes its own validation split from what is read (data.val_percent).
   """
   if not os.path.isdir(directory):
     raise ValueError(f"data.source = {spec!r}: {directory} is not a directory; give hf:DIR, where "
                      f"DIR is a Hugging Face dataset saved with save_to_disk or holding Parquet files")
   dict_file = os.path.join(directory, "dataset_dict.json")
   if os.path.exists(dict_file):
-    with open(dict_file, encoding="utf-8") as f:
-      splits = json.load(f).get("splits", [])
+    try:
+      with open(dict_file, encoding="utf-8") as f:
+        splits = json.load(f)["splits"]
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{dict_file} is not a datasets DatasetDict index ({e!r}); give hf:DIR/<split> "
+                       f"naming one split's directory") from e
     if "train" not in splits:
       raise ValueError(f"data.source = {spec!r} is a DatasetDict without a 'train' split; name one "
                        f"of its splits {splits}: hf:{os.path.join(directory, '<split>')}")
@@ -189,7 +193,8 @@ def _hf_files(spec: str, directory: str) -> list[str]:
   files = sorted(glob.glob(os.path.join(directory, "*.arrow")))
   if not files:
     files = sorted(glob.glob(os.path.join(directory, "**", "*.parquet"), recursive=True))
-    train = [p for p in files if os.path.basename(p).startswith("train")]
+    train = [p for p in files if os.path.basename(p).startswith("train")
+             or "train" in pathlib.Path(os.path.relpath(p, directory)).parts[:-1]]
     files = train or files
   if not files:
     raise ValueError(f"data.source = {spec!r} holds no .arrow or .parquet files; give a directory "
