@@ -1,5 +1,6 @@
 """Data: corpus split, tokenizer, cached preparation, packing, shuffling, sharding, resumption."""
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -332,6 +333,23 @@ def test_processes_split_the_shards(tmp_path):
     np.testing.assert_array_equal(_all_tokens(pod)[split], _all_tokens(whole)[split])
   with pytest.raises(ValueError, match=r"--shard_index = 3 with --num_shards = 3"):
     _glob_set(tmp_path, "pod", shard_index=3, num_shards=3)
+
+
+def test_a_job_on_a_shared_cache_tokenizes_each_shard_once(tmp_path, monkeypatch):
+  texts = _write_texts(tmp_path / "texts", 40)
+  monkeypatch.setattr(shards, "is_local", lambda path: False)  # the cache behaves as gs:// does
+  written, write_shard = [], prepare_lib._write_shard
+  monkeypatch.setattr(prepare_lib, "_write_shard",
+                      lambda directory, shard, *args: written.append(shard.index) or write_shard(
+                          directory, shard, *args))
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two hosts' processes, one shared cache
+    jobs = [pool.submit(prepare_lib.prepare_for_job, f"glob:{tmp_path}/texts/*.txt", 300,
+                        str(tmp_path / "pod"), val_percent=30.0, process_index=p,
+                        process_count=2, poll_s=0.05) for p in (1, 0)]
+    prepared = [job.result(timeout=300) for job in jobs]
+  assert sorted(written) == list(range(16))
+  assert prepared[0].meta == prepared[1].meta
+  assert sorted(_decoded_documents(prepared[0])) == sorted(texts)  # read by ranged reads
 
 
 def test_other_processes_wait_for_shard_zeros_tokenizer(tmp_path, monkeypatch):

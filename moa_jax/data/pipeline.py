@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
-from moa_jax.data.prepare import PreparedData, prepare
+from moa_jax.data.prepare import PreparedData, prepare_for_job
 from moa_jax.data.tokenizer import Tokenizer
 
 # Batches are cheap memmap slices: two reader threads keep up, and a short buffer bounds memory.
@@ -99,9 +99,11 @@ def make_datasets(data_config: Any, *, vocab_size: int, seq_len: int, global_bat
   if global_batch_size % process_count:
     raise ValueError(f"global_batch_size = {global_batch_size} is not divisible by "
                      f"process_count = {process_count}; make the batch size a multiple of it")
-  prepared = prepare(data_config.source, vocab_size, data_config.cache_dir,
-                     tokenizer=data_config.tokenizer or None, text_field=data_config.text_field,
-                     val_percent=data_config.val_percent, max_bytes=data_config.max_bytes)
+  prepared = prepare_for_job(data_config.source, vocab_size, data_config.cache_dir,
+                             tokenizer=data_config.tokenizer or None,
+                             text_field=data_config.text_field,
+                             val_percent=data_config.val_percent, max_bytes=data_config.max_bytes,
+                             process_index=process_index, process_count=process_count)
   batch_size = global_batch_size // process_count
   train = _windows(prepared, "train", seq_len, process_count)
   val = _windows(prepared, "val", seq_len, process_count)

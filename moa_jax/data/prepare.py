@@ -144,6 +144,22 @@ def prepare(source: str, vocab_size: int, cache_dir: str, tokenizer: str | None 
   return PreparedData(os.fspath(directory), tok, meta)
 
 
+def prepare_for_job(source: str, vocab_size: int, cache_dir: str, *, process_index: int,
+                    process_count: int, poll_s: float = 5.0, **kwargs: Any) -> PreparedData:
+  """prepare() for every process of a training job.
+
+  A gs:// cache is shared by all hosts: process p tokenizes shards p, p + P, ... and waits for
+  the others' (a pod prepares once). A local cache is each host's own: every host prepares it all.
+  """
+  shared = not shards.is_local(cache_dir or default_cache_root())
+  index, count = (process_index, process_count) if shared else (0, 1)
+  while (prepared := prepare(source, vocab_size, cache_dir, shard_index=index, num_shards=count,
+                             **kwargs)) is None:
+    logging.log_every_n_seconds(logging.INFO, "waiting for the other processes' shards", 60)
+    time.sleep(poll_s)
+  return prepared
+
+
 def default_shard_count(n_files: int, n_bytes: int) -> int:
   """Shards for a source: about _SHARD_BYTES each, and at least _MIN_SHARDS if files allow."""
   return max(1, min(n_files, max(_MIN_SHARDS, -(-n_bytes // _SHARD_BYTES))))
