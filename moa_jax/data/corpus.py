@@ -257,7 +257,7 @@ def _read_jsonl(path: str, key: str, text_field: str) -> Iterator[tuple[str, str
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path} line {row + 1} is not valid JSON ({e.msg} at column {e.colno}); "
+        raise ValueError(f"{path} line {row + 1} is not valid JSON ({e.msg}: column {e.colno}); "
                          f"fix or remove that line") from e
       if not isinstance(record, dict):
         raise ValueError(f"{path} line {row + 1} is a JSON {type(record).__name__}, not an object; "
