@@ -5,10 +5,10 @@ import ml_collections
 
 def default_data_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.source = "stdlib"    # 'stdlib', 'glob:PATTERN', 'jsonl:PATTERN' or 'parquet:PATTERN' (corpus.py)
+  c.source = "stdlib"    # 'stdlib', 'glob:PATTERN', 'jsonl:PATTERN', 'parquet:PATTERN', 'hf:DIR' (corpus.py)
   c.tokenizer = ""       # '' = train a model.vocab_size byte-level BPE; else tokenizer.json / .model
-  c.cache_dir = ""       # prepared sets live under it; '' = $MOA_JAX_CACHE or ~/.cache/moa_jax
-  c.text_field = "text"  # the JSONL field / Parquet column holding each document's text
+  c.cache_dir = ""       # prepared sets live under it (local or gs://); '' = $MOA_JAX_CACHE or ~/.cache/moa_jax
+  c.text_field = "text"  # the JSONL field / Parquet or datasets column holding each document's text
   c.val_percent = 2.0    # percent of documents (stdlib / glob: files) held out for validation
   c.max_bytes = 0        # cap on the text read, for tests and tiny runs; 0 = the whole source
   return c
