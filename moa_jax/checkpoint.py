@@ -1,20 +1,64 @@
 """Orbax checkpoints of {train state, data iterator state, run metadata} in `WORKDIR/checkpoints/<step>`.
 
 Saves are asynchronous; Orbax writes each step to a temporary directory and renames it when complete,
-so `latest_step()` only ever sees finished checkpoints. The metadata holds the model config, which a
-resuming run compares with its own before compiling anything.
+so `latest_step()` only ever sees finished checkpoints. The metadata holds the run's config (which a
+resuming run compares with its own before compiling anything), the state's structure (leaf paths,
+shapes, dtypes: a changed optimizer is told apart from a damaged checkpoint), and a checksum of every
+leaf of the state (restored contents are verified: flipped bits send the restore to an older step).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+_UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+class CorruptCheckpoint(RuntimeError):
+  """Restored contents differ from what was saved."""
+
+
+def structure(tree) -> list[str]:
+  """'path: shape dtype' for every leaf of a (possibly abstract) tree."""
+  return [f"{jax.tree_util.keystr(path)}: {tuple(x.shape)} {jnp.dtype(x.dtype).name}"
+          for path, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+@jax.jit
+def _checksums(tree):
+  """One uint32 per leaf: the wrapping sum of its elements' bit patterns. Any single flipped bit changes
+  it (by ±2^k mod 2^32), and the order of the reduction does not matter, so any sharding agrees."""
+  def leaf(x):
+    bits = jax.lax.bitcast_convert_type(x, _UNSIGNED[jnp.dtype(x.dtype).itemsize]).astype(jnp.uint32)
+    return jnp.sum(bits, dtype=jnp.uint32)
+  return jax.tree.map(leaf, tree)
+
+
+def checksums(tree) -> list[int]:
+  return [int(v) for v in jax.tree.leaves(jax.device_get(_checksums(tree)))]
+
+
+def _free_name(path: str) -> str:
+  """`path`, or `path.1`, `path.2`, ... : the first name not taken."""
+  candidate, n = path, 0
+  while os.path.exists(candidate):
+    n += 1
+    candidate = f"{path}.{n}"
+  return candidate
 
 
 class Checkpoints:
   def __init__(self, workdir: str, every: int, keep: int):
+    if keep < 1:
+      raise ValueError(f"checkpoint.keep = {keep}; must be ≥ 1 (the newest `keep` checkpoints are kept, "
+                       "the final one always)")
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints") if "://" not in workdir \
         else workdir.rstrip("/") + "/checkpoints"
     self.every = every
@@ -33,15 +77,15 @@ class Checkpoints:
     """Complete checkpoints, newest first (Orbax never lists one still being written)."""
     return sorted(self._manager.all_steps(), reverse=True)
 
-  def set_aside(self, step: int) -> str:
-    """Moves an unreadable checkpoint out of the way (kept for inspection, not deleted); returns where.
-    Process 0 moves it; every process then rescans."""
-    import jax
+  def set_aside(self, step: int, where: str = "checkpoints_unreadable") -> str:
+    """Moves a checkpoint out of the way (kept for inspection, not deleted) to WORKDIR/<where>/<step>
+    (or <step>.1, <step>.2, ... if taken); returns where. Process 0 moves it; every process then rescans."""
     from jax.experimental import multihost_utils
-    target = os.path.join(os.path.dirname(self.directory), "checkpoints_unreadable", str(step))
+    target = os.path.join(os.path.dirname(self.directory), where, str(step))
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(target), exist_ok=True)
-      os.replace(os.path.join(self.directory, str(step)), target)
+      target = _free_name(target)
+      os.rename(os.path.join(self.directory, str(step)), target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"set_aside_{step}")
     self._manager.reload()
@@ -50,7 +94,20 @@ class Checkpoints:
   def due(self, step: int) -> bool:
     return self.every > 0 and step % self.every == 0
 
+  def check_space(self, state) -> None:
+    """Raises ENOSPC before a save that cannot fit on a local disk (the state's bytes plus 1 MiB), so a
+    full disk stops the run with one line instead of a half-written checkpoint and a storm of errors
+    from Orbax's writer threads. Object stores are not checked."""
+    if "://" in self.directory:
+      return
+    need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) + 2**20
+    free = shutil.disk_usage(self.directory).free
+    if free < need:
+      raise OSError(errno.ENOSPC, f"No space left on device (the checkpoint needs {need / 2**20:.1f} MiB, "
+                    f"{free / 2**20:.1f} MiB are free)", self.directory)
+
   def save(self, step: int, state, data_state: dict, meta: dict) -> None:
+    self.check_space(state)
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state),
@@ -59,10 +116,17 @@ class Checkpoints:
   def read_meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def restore(self, step: int, abstract_state):
-    """abstract_state: ShapeDtypeStructs with shardings. Returns (state, data_state)."""
+  def restore(self, step: int, abstract_state, expected: list[int] | None = None):
+    """abstract_state: ShapeDtypeStructs with shardings; expected: the checksums saved in the meta (None:
+    a checkpoint from before checksums, not verified). Returns (state, data_state); raises
+    CorruptCheckpoint when the restored contents differ from what was saved."""
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    if expected is not None:
+      got = checksums(out["state"])
+      bad = [name for name, a, b in zip(structure(abstract_state), got, expected) if a != b]
+      if len(got) != len(expected) or bad:
+        raise CorruptCheckpoint(f"checksum mismatch in {len(bad)} array(s), first {bad[:1]}")
     return out["state"], out["data"]
 
   def wait(self) -> None:

@@ -10,6 +10,8 @@ import os
 import jax
 import numpy as np
 
+from moa_jax import wandb_log
+
 # Dense bf16 peak FLOP/s per chip (datasheets), for MFU. Unknown devices report mfu = null.
 PEAK_FLOPS = {
     "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
@@ -23,14 +25,15 @@ def peak_flops(device) -> float | None:
   return next((v for k, v in PEAK_FLOPS.items() if k.lower() in kind.lower()), None)
 
 
-def mix_record(intermediates, names: tuple[str, ...]) -> dict:
-  """Sown `mix_mean` values (per layer × activation) -> {branch: {activation: [per layer]}}."""
+def mix_record(intermediates, names: tuple[str, ...], sown: str = "mix_mean") -> dict:
+  """Sown `mix_mean` values (per layer × activation) -> {branch: {activation: [per layer]}}.
+  sown="mix_std": MoA gates' standard deviation over the tokens of the batch, in the same shape."""
   out = {}
   for path, value in jax.tree_util.tree_leaves_with_path(intermediates):
     keys = [str(getattr(k, "key", "")) for k in path]
-    if "mix_mean" not in keys:
+    if sown not in keys:
       continue
-    branch = ".".join(k for k in keys if k and k not in ("layers", "mix_mean", "intermediates"))
+    branch = ".".join(k for k in keys if k and k not in ("layers", sown, "intermediates"))
     value = np.asarray(value).reshape(-1, len(names))  # (layers, K)
     out[branch] = {n: [round(float(v), 5) for v in value[:, k]] for k, n in enumerate(names)}
   return out
@@ -38,21 +41,21 @@ def mix_record(intermediates, names: tuple[str, ...]) -> dict:
 
 def moe_record(intermediates) -> dict:
   """Sown `moe_stats` -> expert_load_max / expert_load_min (fraction of assignments, one entry per MoE
-  layer) and dropped_fraction (capacity path: mean over MoE layers). {} for a dense model."""
-  loads, dropped = [], []
+  layer), dropped_fraction (capacity path) and ep_overflow_fraction (assignments dropped by full
+  expert-parallel receive buffers), each a mean over MoE layers. {} for a dense model."""
+  loads, fractions = [], {"dropped": [], "ep_overflow": []}
   for path, value in jax.tree_util.tree_leaves_with_path(intermediates):
     keys = [str(getattr(k, "key", "")) for k in path]
     if "moe_stats" in keys and keys[-1] == "load":
       loads.append(np.asarray(value).reshape(-1, np.shape(value)[-1]))  # (MoE layers, E)
-    elif "moe_stats" in keys and keys[-1] == "dropped":
-      dropped.append(np.asarray(value).reshape(-1))
+    elif "moe_stats" in keys and keys[-1] in fractions:
+      fractions[keys[-1]].append(np.asarray(value).reshape(-1))
   if not loads:
     return {}
   load = np.concatenate(loads)
   out = {"expert_load_max": [round(float(v), 5) for v in load.max(axis=1)],
          "expert_load_min": [round(float(v), 5) for v in load.min(axis=1)]}
-  if dropped:
-    out["dropped_fraction"] = float(np.mean(np.concatenate(dropped)))
+  out.update({f"{k}_fraction": float(np.mean(np.concatenate(v))) for k, v in fractions.items() if v})
   return out
 
 
@@ -64,35 +67,54 @@ def _is_remote(path: str) -> bool:
   return "://" in path
 
 
-def _kept_lines(text: str, step: int) -> list[str]:
-  """Records up to `step` (a resumed run recomputes the rest); a line cut short by a crash is dropped."""
-  keep = []
-  for line in text.splitlines(keepends=True):
+RESTART = "restart"  # the key of a restart marker: {"restart": true, "step": S}
+
+
+def parse_records(lines) -> list[dict]:
+  """metrics.jsonl lines -> one record per step, in step order. A restart marker at step S (a run
+  that went on from step S) supersedes the earlier records after S; among records of one step the
+  newest wins; a line cut short by a crash is skipped."""
+  by_step = {}
+  for line in lines:
     try:
-      if json.loads(line)["step"] <= step:
-        keep.append(line if line.endswith("\n") else line + "\n")
-    except (ValueError, KeyError):
+      record = json.loads(line)
+      step = int(record["step"])
+    except (ValueError, KeyError, TypeError):
       continue
-  return keep
+    if record.get(RESTART):
+      by_step = {k: v for k, v in by_step.items() if k <= step}
+    else:
+      by_step[step] = record
+  return [by_step[k] for k in sorted(by_step)]
+
+
+def _superseded(text: str, step: int) -> bool:
+  """Whether the file holds records after `step`, which the run starting there will log again."""
+  return any(r["step"] > step for r in parse_records(text.splitlines()))
 
 
 class _Jsonl:
-  """Append-only JSON lines. Local files are appended to; object stores (gs://, via etils.epath), which
-  cannot append, get the whole file rewritten on each record (records are few: one per log step)."""
+  """Append-only JSON lines: an earlier run's records are never removed. A run that starts at step S
+  over records past S appends a restart marker first (readers: parse_records). Local files are
+  appended to; object stores (gs://, via etils.epath), which cannot append, get the whole file
+  rewritten on each record (records are few: one per log step)."""
 
   def __init__(self, path: str, start_step: int):
     from etils import epath
     self._path = epath.Path(path)
     text = self._path.read_text() if self._path.exists() else ""
-    self._lines = _kept_lines(text, start_step)
-    if "".join(self._lines) != text:
-      if _is_remote(path):  # an object write replaces the whole object at once
-        self._path.write_text("".join(self._lines))
-      else:
-        with open(path + ".tmp", "w") as f:
-          f.writelines(self._lines)
-        os.replace(path + ".tmp", path)
-    self._file = open(path, "a") if not _is_remote(path) else None
+    head = "" if not text or text.endswith("\n") else "\n"  # end a line cut short by a crash
+    if _superseded(text, start_step):
+      head += json.dumps({RESTART: True, "step": start_step}) + "\n"
+    self._lines = [text + head] if text + head else []
+    if _is_remote(path):
+      if head:  # an object write replaces the whole object at once
+        self._path.write_text(text + head)
+      self._file = None
+    else:
+      self._file = open(path, "a")
+      self._file.write(head)
+      self._file.flush()
 
   def append(self, line: str) -> None:
     if self._file is not None:
@@ -108,9 +130,11 @@ class _Jsonl:
 
 
 class MetricsWriter:
-  def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool):
+  """`config`: the run's config; its `logging` group turns on Weights & Biases (moa_jax.wandb_log)."""
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool, config=None):
     self.enabled = enabled
-    self._bar = self._jsonl = self._tb = None
+    self._bar = self._jsonl = self._tb = self._wandb = None
     if not enabled:
       return
     from etils import epath
@@ -121,6 +145,8 @@ class MetricsWriter:
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
     except Exception:  # tensorboardX missing, or it cannot write to this filesystem
       self._tb = None
+    if config is not None and wandb_log.enabled(config):
+      self._wandb = wandb_log.WandbSink(workdir, config)
     from tqdm.auto import tqdm
     self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, smoothing=0.1)
 
@@ -140,6 +166,8 @@ class MetricsWriter:
               for layer, v in enumerate(per_layer):
                 self._tb.add_scalar(f"gates/{branch}/layer{layer}/{act}", v, record["step"])
       self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log(record)
 
   def progress(self, step: int, **postfix) -> None:
     if self.enabled:
@@ -156,3 +184,5 @@ class MetricsWriter:
       self._jsonl.close()
       if self._tb is not None:
         self._tb.close()
+      if self._wandb is not None:
+        self._wandb.close()

@@ -30,29 +30,63 @@ def ema(y: Sequence[float], smooth: float) -> np.ndarray:
   return out
 
 
+# The y-axis label of each metric metrics.jsonl holds (name, unit).
+UNITS = {
+    "loss": ("training loss", "nats/token"), "lm_loss": ("training LM loss", "nats/token"),
+    "eval_loss": ("eval loss", "nats/token"), "eval_loss_se": ("eval loss standard error", "nats/token"),
+    "grad_norm": ("gradient norm", "global L2 norm"), "param_norm": ("parameter norm", "global L2 norm"),
+    "update_norm": ("update norm", "global L2 norm"), "lr": ("learning rate", "the schedule's value"),
+    "tokens_per_sec": ("throughput", "tokens/s"), "mfu": ("MFU", "fraction of peak FLOP/s"),
+    "aux_loss": ("MoE load-balancing loss", "dimensionless"), "z_loss": ("MoE router z-loss", "dimensionless"),
+}
+
+
+def axis_label(metric: str, smooth: float = 0.0) -> str:
+  name, unit = UNITS.get(metric, (metric, "as logged"))
+  return f"{name} ({unit}{f', EMA {smooth:g}' if smooth else ''})"
+
+
 def _seed_band(curves: list[SeedCurve], smooth: float):
-  """Smoothed seeds on their common x: (x, mean, lo, hi), lo/hi the min/max over seeds."""
+  """Smoothed seeds on their common x: (x, mean, lo, hi), lo/hi the 95% Student-t interval of the
+  mean over seeds (equal to the mean with one seed)."""
+  from moa_jax.stats import t_quantile
+
   common = curves[0][0]
   for x, _ in curves[1:]:
     common = np.intersect1d(common, x)
   ys = np.stack([ema(y, smooth)[np.isin(x, common)] for x, y in curves])  # (seeds, N)
-  return common, ys.mean(0), ys.min(0), ys.max(0)
+  n = len(curves)
+  half = t_quantile(0.975, n - 1) * ys.std(0, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(ys.shape[1])
+  return common, ys.mean(0), ys.mean(0) - half, ys.mean(0) + half
 
 
 def _colours(n: int):
   return [f"C{i % 10}" for i in range(n)]
 
 
+def _log_x(ax, xs: np.ndarray) -> None:
+  """A log x axis, widened around a single x value (matplotlib cannot scale a log axis on one point)."""
+  ax.set_xscale("log")
+  xs = xs[xs > 0]
+  if len(xs) and xs.min() == xs.max():
+    ax.set_xlim(xs.min() / 2, xs.max() * 2)
+
+
+BAND_NOTE = "line: mean over seeds; band: 95% t-interval of the mean"
+
+
 def loss_curves(series: dict[str, list[SeedCurve]], *, metric: str = "loss", smooth: float = 0.6,
                 x_label: str = "training tokens", title: str = "") -> Figure:
-  """One colour per label: the mean over seeds of the smoothed curves, and a min–max band over seeds.
+  """One colour per label: the mean over seeds of the smoothed curves, and a 95% CI band over seeds.
 
-  Left: the whole run, log-x. Right: the second half of the longest run, linear x and zoomed y, where
-  arms that differ by a few hundredths of a nat can be told apart.
+  Left: the whole run, log-x. Right: the last half of the longest run, linear x and zoomed y, where
+  arms that differ by a few hundredths of a nat can be told apart. A single logged point is drawn as
+  a marker on both.
   """
   fig = Figure(figsize=(12, 4.5), layout="constrained")
   full, zoom = fig.subplots(1, 2)
-  x_max = max(c[0][-1] for curves in series.values() for c in curves if len(c[0]))
+  xs = np.concatenate([c[0] for curves in series.values() for c in curves if len(c[0])] or [np.zeros(0)])
+  x_max = xs.max() if len(xs) else 1.0
   zoom_lo, zoom_hi = [], []
   for colour, (label, curves) in zip(_colours(len(series)), series.items()):
     curves = [c for c in curves if len(c[0])]
@@ -68,12 +102,12 @@ def loss_curves(series: dict[str, list[SeedCurve]], *, metric: str = "loss", smo
     if late.any():
       zoom_lo.append(lo[late].min())
       zoom_hi.append(hi[late].max())
-  smoothing = f", EMA {smooth:g}" if smooth else ""
-  y_label = f"{metric} (nats/token{smoothing})"
-  full.set_xscale("log")
+  y_label = axis_label(metric, smooth)
+  _log_x(full, xs)
   full.set(xlabel=f"{x_label} (log scale)", ylabel=y_label, title="whole run")
-  zoom.set(xlabel=x_label, ylabel=y_label, title="second half (zoomed)")
-  zoom.set_xlim(x_max / 2, x_max * 1.01)
+  zoom.set(xlabel=x_label, ylabel=y_label, title="last half (linear, zoomed)")
+  if len(xs) and xs.min() < xs.max():
+    zoom.set_xlim(x_max / 2, x_max * 1.01)
   if zoom_lo:
     pad = 0.05 * (max(zoom_hi) - min(zoom_lo)) or 0.01
     zoom.set_ylim(min(zoom_lo) - pad, max(zoom_hi) + pad)
@@ -81,44 +115,89 @@ def loss_curves(series: dict[str, list[SeedCurve]], *, metric: str = "loss", smo
     ax.grid(True, which="both", alpha=0.3)
   full.legend(fontsize=8)
   if any(len(c) > 1 for c in series.values()):
-    zoom.text(0.99, 0.99, "line: mean over seeds; band: min–max", transform=zoom.transAxes,
-              ha="right", va="top", fontsize=8, color="0.35")
+    zoom.text(0.99, 0.99, BAND_NOTE, transform=zoom.transAxes, ha="right", va="top", fontsize=8, color="0.35")
   if title:
     fig.suptitle(title)
   return fig
 
 
-def difference_curves(series: dict[str, list[SeedCurve]], *, baseline: str, metric: str = "loss",
-                      smooth: float = 0.6, title: str = "") -> Figure:
-  """series: label -> per-seed (tokens, arm − baseline) at the steps both logged. One colour per label:
-  the mean over seeds of the smoothed differences and a min–max band; below zero the arm is ahead."""
+def difference_curves(series: dict[str, list[SeedCurve]], *, metric: str = "eval_loss", smooth: float = 0.0,
+                      title: str = "") -> Figure:
+  """series: "a − b" -> per-seed (tokens, a − b) at the steps both logged. One colour per pair: the
+  mean over seeds of the paired differences and its 95% t-interval (the paired CI at every point).
+  Linear x, so the end of training, where the comparison is made, is not squeezed into a corner."""
   fig = Figure(figsize=(8, 4.5), layout="constrained")
   ax = fig.subplots()
-  ax.axhline(0.0, color="0.3", lw=1, ls="--", label=f"{baseline} (baseline)")
-  for colour, (label, curves) in zip(_colours(len(series) + 1)[1:], series.items()):
+  ax.axhline(0.0, color="0.3", lw=1, ls="--")
+  for colour, (label, curves) in zip(_colours(len(series)), series.items()):
     curves = [c for c in curves if len(c[0])]
     if not curves:
       continue
     x, mean, lo, hi = _seed_band(curves, smooth)
-    ax.plot(x, mean, color=colour, lw=1.6, label=f"{label} ({len(curves)} seeds)" if len(curves) > 1 else label)
+    ax.plot(x, mean, color=colour, lw=1.6, marker="o" if len(x) < 12 else None, ms=3,
+            label=f"{label} ({len(curves)} seeds)" if len(curves) > 1 else label)
     if len(curves) > 1:
       ax.fill_between(x, lo, hi, color=colour, alpha=0.2, lw=0)
-  ax.set_xscale("log")
-  smoothing = f", EMA {smooth:g}" if smooth else ""
-  ax.set(xlabel="training tokens (log scale)", ylabel=f"Δ {metric} vs {baseline} (nats/token{smoothing})",
-         title=title or f"paired difference from {baseline}, seed by seed (below 0: better)")
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=8)
+  name, unit = UNITS.get(metric, (metric, "as logged"))
+  ax.set(xlabel="training tokens", ylabel=f"Δ {name} ({unit})",
+         title=title or "paired differences, seed by seed (below 0: the first arm is ahead)")
+  ax.grid(True, alpha=0.3)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=8)
   if any(len(c) > 1 for c in series.values()):
-    ax.text(0.99, 0.01, "line: mean over seeds; band: min–max", transform=ax.transAxes, ha="right",
-            va="bottom", fontsize=8, color="0.35")
+    ax.text(0.99, 0.01, BAND_NOTE + " (paired)", transform=ax.transAxes, ha="right", va="bottom", fontsize=8,
+            color="0.35")
   return fig
 
 
-def lr_sensitivity(points: dict[str, list[tuple[float, float, float, int]]], *, title: str = "") -> Figure:
+def wall_clock(records: list[dict]) -> np.ndarray:
+  """Seconds of training up to each record: the sum over logged intervals of tokens / tokens_per_sec
+  (compilation and evaluation are not in tokens_per_sec, so not in this clock)."""
+  t, last, out = 0.0, 0, []
+  for r in records:
+    if r.get("tokens_per_sec"):
+      t += (r["tokens"] - last) / r["tokens_per_sec"]
+    last = r["tokens"]
+    out.append(t)
+  return np.array(out, float)
+
+
+def loss_vs_compute(series: dict[str, list[tuple[list[dict], float]]], *, metric: str = "eval_loss",
+                    title: str = "") -> Figure:
+  """series: label -> [(one seed's records, training FLOPs per token)]. Left: the metric against
+  training FLOPs; right: against training wall-clock seconds. One thin line per seed."""
+  fig = Figure(figsize=(12, 4.5), layout="constrained")
+  flops_ax, time_ax = fig.subplots(1, 2)
+  all_x = {flops_ax: [], time_ax: []}
+  for colour, (label, runs) in zip(_colours(len(series)), series.items()):
+    for i, (records, flops_per_token) in enumerate(runs):
+      kept = [j for j, r in enumerate(records) if r.get(metric) is not None]
+      if not kept:
+        continue
+      y = np.array([records[j][metric] for j in kept], float)
+      flops = np.array([records[j]["tokens"] for j in kept], float) * flops_per_token
+      seconds = wall_clock(records)[kept]
+      for ax, x in ((flops_ax, flops), (time_ax, seconds)):
+        ax.plot(x, y, color=colour, lw=1.0, alpha=0.8, marker="o" if len(x) < 12 else None, ms=3,
+                label=label if i == 0 else None)
+        all_x[ax].append(x)
+  for ax, name in ((flops_ax, "training FLOPs (mixing included)"), (time_ax, "training wall-clock (s)")):
+    xs = np.concatenate(all_x[ax]) if all_x[ax] else np.zeros(0)
+    _log_x(ax, xs)
+    ax.set(xlabel=f"{name}, log scale", ylabel=axis_label(metric))
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=8)
+  fig.suptitle(title or f"{UNITS.get(metric, (metric,))[0]} against compute and time (one line per seed)")
+  return fig
+
+
+def lr_sensitivity(points: dict[str, list[tuple[float, float, float, int]]], *, best: dict | None = None,
+                   title: str = "") -> Figure:
   """points: label -> [(peak lr, mean final eval loss, 95% CI half-width, diverged seeds)], one per lr.
 
   A diverged seed is drawn as a cross at the top of the plot; means use the seeds that finished.
+  best: label -> the chosen peak lr, ringed.
   """
   fig = Figure(figsize=(6.5, 4.5), layout="constrained")
   ax = fig.subplots()
@@ -131,12 +210,15 @@ def lr_sensitivity(points: dict[str, list[tuple[float, float, float, int]]], *, 
       lrs, means, halves = map(np.array, zip(*ok))
       ax.errorbar(lrs, means, yerr=np.where(np.isfinite(halves), halves, 0), color=colour, marker="o",
                   capsize=3, label=label)
+    chosen = [(lr, m) for lr, m, _ in ok if best and label in best and math.isclose(lr, best[label], rel_tol=1e-6)]
+    if chosen:
+      ax.scatter(*zip(*chosen), s=160, facecolors="none", edgecolors=colour, lw=1.5, zorder=4)
     failed = [lr for lr, _, _, n_failed in pts if n_failed]
     if failed:
       ax.scatter(failed, [top] * len(failed), marker="x", s=60, color=colour)
   if any(n for pts in points.values() for *_, n in pts):
     ax.text(0.01, 0.99, "×: a seed diverged at this lr", transform=ax.transAxes, va="top", fontsize=8)
-  ax.set_xscale("log")
+  _log_x(ax, np.array([lr for pts in points.values() for lr, *_ in pts], float))
   ax.set(xlabel="peak learning rate (log scale)", ylabel="final eval loss (nats/token)",
          title=title or "learning-rate sensitivity (mean ± 95% CI over seeds)")
   ax.grid(True, which="both", alpha=0.3)
@@ -171,9 +253,10 @@ def scaling(points: dict[str, list[tuple[float, float]]], fits: dict[str, tuple[
   return fig
 
 
-def gate_heatmaps(panels: list[tuple[str, dict[str, list[float]]]], *, title: str = "") -> Figure:
-  """panels: [(title, {activation: [mean gate per layer]})]: one heatmap (layers × activations) each,
-  on one shared colour scale."""
+def gate_heatmaps(panels: list[tuple[str, dict[str, list[float]]]], *, colour_label: str = "mean gate / coefficient",
+                  title: str = "") -> Figure:
+  """panels: [(title, {activation: [value per layer]})]: one heatmap (layers × activations) each, on
+  one shared colour scale (mean gates, or their std over tokens)."""
   cols = min(len(panels), 2)
   rows = math.ceil(len(panels) / cols)
   n_layers = max(len(v) for _, gates in panels for v in gates.values())
@@ -199,7 +282,7 @@ def gate_heatmaps(panels: list[tuple[str, dict[str, list[float]]]], *, title: st
         ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if dark else "black")
   for ax in axes[len(panels):]:
     ax.set_visible(False)
-  fig.colorbar(image, ax=axes[:len(panels)].tolist(), label="mean gate / coefficient", shrink=0.8)
+  fig.colorbar(image, ax=axes[:len(panels)].tolist(), label=colour_label, shrink=0.8)
   fig.suptitle(title or "mean gate value per layer × activation (last logged step, mean over seeds)")
   return fig
 
@@ -234,7 +317,10 @@ def main(argv: list[str] | None = None) -> None:
     names = [os.path.normpath(d) for d in args.run_dirs]
   series = {}
   for name, workdir in zip(names, args.run_dirs):
-    curve = run_curve(rundir.records(workdir), args.metric, args.x)
+    try:
+      curve = run_curve(rundir.records(workdir), args.metric, args.x)
+    except rundir.RunDirError as e:
+      raise SystemExit(f"error: {e}") from None
     if not len(curve[0]):
       raise SystemExit(f"error: {workdir}/metrics.jsonl has no {args.metric!r} values")
     series[name] = [curve]

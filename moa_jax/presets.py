@@ -173,6 +173,8 @@ def lm_config(size: str = "debug", ffn: str = "swiglu") -> ml_collections.Config
       tokens_per_param=20.0,                     # a study run's token budget (moa_jax.study sets steps from it)
       sample_every=50 if size == "quickstart" else (100 if tiny else 0),  # steps between samples (0: never)
       seed=0,                                    # parameter init and data order
+      resume_step=0,                             # resume from this checkpoint, not the newest (0: newest);
+                                                 # later ones move to checkpoints_superseded/
       microbatches=1,                            # gradient accumulation: the batch runs as N scanned microbatches
                                                  # (batch_size % (N × data·fsdp·expert) == 0; MoE balance loss per microbatch)
       loss_chunk=0 if tiny else 512,             # positions per cross-entropy chunk, so the (B, T, V) fp32 logits
@@ -189,7 +191,7 @@ def lm_config(size: str = "debug", ffn: str = "swiglu") -> ml_collections.Config
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(
       every=100 if tiny else 1000,               # steps between saves (and one at the end)
-      keep=3,                                    # newest checkpoints kept
+      keep=3,                                    # newest checkpoints kept (≥ 1; the final one always)
   ))
   c.logging = ml_collections.ConfigDict(dict(
       wandb_project="",                          # Weights & Biases project ('': W&B off; needs `pip install wandb`)

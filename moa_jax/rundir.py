@@ -3,6 +3,10 @@
     records(workdir)          -> [{step, tokens, loss, ..., eval_loss?, gates?}, ...]  (metrics.jsonl)
     load_config(workdir)      -> the run's ml_collections.ConfigDict                    (config.json)
     restore(workdir, step)    -> (train.Run, params, step)       newest checkpoint unless `step` is given
+
+`records` gives one record per step, in step order, the newest winning (a run restarted over an earlier
+one's records appends a restart marker: metrics.parse_records). `restore` builds the model from the
+config stored in the checkpoint itself, not config.json, so it restores what was saved.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ import json
 import os
 
 import ml_collections
+
+from moa_jax import checkpoint, train
+from moa_jax.metrics import parse_records
 
 
 class RunDirError(RuntimeError):
@@ -22,14 +29,8 @@ def records(workdir: str) -> list[dict]:
   if not os.path.exists(path):
     raise RunDirError(f"{path} does not exist; is {workdir!r} a run directory (python -m moa_jax.train "
                       f"--workdir=...)?")
-  out = []
   with open(path) as f:
-    for line in f:
-      try:
-        out.append(json.loads(line))
-      except ValueError:  # a line cut short by a crash mid-write
-        continue
-  return out
+    return parse_records(f)
 
 
 def _tuples(value):
@@ -51,25 +52,37 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def restore(workdir: str, step: int | None = None):
-  """Builds the run from its config and restores a checkpoint's parameters.
+  """Builds the run from the config saved in the checkpoint and restores its parameters (verified
+  against the checksums saved with them). The mesh is reset to data parallelism over this machine's
+  devices: the checkpoint may come from a larger one.
 
   Returns (run, params, step): run is `train.Run` (.model, .data.tokenizer, ...).
   """
-  from moa_jax import checkpoint, train  # train imports sample, whose CLI imports this module
-
-  config = load_config(workdir)
-  run = train.build(config)
-  ckpt = checkpoint.Checkpoints(workdir, config.checkpoint.every, config.checkpoint.keep)
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise RunDirError(f"{directory} does not exist; is {workdir!r} a run directory (python -m moa_jax.train "
+                      f"--workdir=...)?")
+  ckpt = checkpoint.Checkpoints(workdir, 0, 1)
   try:
-    latest = ckpt.latest_step()
-    if latest is None:
+    saved = sorted(ckpt.all_steps())  # complete ones only
+    if not saved:
       raise RunDirError(f"{ckpt.directory} holds no checkpoint; train first (python -m moa_jax.train ...)")
-    saved = sorted(int(d) for d in os.listdir(ckpt.directory) if d.isdigit())  # complete ones only
     if step is None:
-      step = latest
+      step = saved[-1]
     elif step not in saved:
       raise RunDirError(f"no checkpoint at step {step} in {ckpt.directory}; saved steps: {saved}")
-    state, _ = ckpt.restore(step, run.abstract_state)
+    try:
+      meta = ckpt.read_meta(step)
+    except Exception as e:
+      raise RunDirError(f"{ckpt.directory}/{step} is unreadable ({type(e).__name__}); try another --step "
+                        f"of {saved}") from None
+    config = ml_collections.ConfigDict(_tuples(meta["config"]))
+    config.mesh.update(data=-1, fsdp=1, tensor=1, expert=1)
+    run = train.build(config)
+    try:
+      state, _ = ckpt.restore(step, run.abstract_state, meta.get("checksums"))
+    except checkpoint.CorruptCheckpoint as e:
+      raise RunDirError(f"{ckpt.directory}/{step} is corrupted ({e}); try another --step of {saved}") from None
   finally:
     ckpt.close()
   return run, state.params, step

@@ -40,30 +40,43 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 class PreemptionGuard:
-  """Turns SIGTERM (TPU preemption notice, Slurm, `kill`) into a stop at a step boundary.
+  """Turns SIGTERM (TPU preemption notice, Slurm, `kill`) and Ctrl-C (SIGINT) into a stop at a step
+  boundary; a second Ctrl-C raises KeyboardInterrupt at once (no save).
 
   One process: a signal handler sets a flag, checked after each step. Several processes: JAX's
-  preemption sync manager (started by jax.distributed.initialize) catches the signal on any host and
+  preemption sync manager (started by jax.distributed.initialize) catches SIGTERM on any host and
   agrees with the others, through the coordination service and without a device sync, on the step at
-  which all of them stop; `stop_requested(step)` is True on every process at that same step.
+  which all of them stop; `stop_requested(step)` is True on every process at that same step. There,
+  Ctrl-C keeps its default meaning (abort).
   """
 
   def __init__(self):
-    self._signalled = False
-    self._previous = None
+    self.signal_name = None
+    self._previous = {}
     if jax.process_count() == 1:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self._signalled = True
+    del frame
+    if signum == signal.SIGINT and self.signal_name is not None:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      raise KeyboardInterrupt
+    self.signal_name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      print("\nCtrl-C: saving at the end of this step, then stopping (Ctrl-C again to abort without saving)",
+            flush=True)
 
   def stop_requested(self, step: int) -> bool:
     if jax.process_count() == 1:
-      return self._signalled
+      return self.signal_name is not None
     from jax.experimental import multihost_utils
-    return multihost_utils.reached_preemption_sync_point(step)
+    if multihost_utils.reached_preemption_sync_point(step):
+      self.signal_name = self.signal_name or "SIGTERM"
+      return True
+    return False
 
   def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    self._previous = {}

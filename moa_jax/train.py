@@ -26,7 +26,9 @@ from flax.core import meta
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from moa_jax import checkpoint, loss, optim, profiling, runtime, sharding, summary, wandb_log
+from moa_jax import checkpoint, loss, optim, profiling, runtime, sharding, startup, summary, wandb_log
+from moa_jax import workdir as workdir_lock
+from moa_jax.health import Health
 from moa_jax.loss import cross_entropy
 from moa_jax.data import make_datasets
 from moa_jax.metrics import MetricsWriter, mix_record, moe_record, peak_flops
@@ -58,13 +60,22 @@ def sown_losses(intermediates) -> dict[str, jax.Array]:
   return {k: v / counts[k] for k, v in sums.items()}
 
 
+def _batch_constraint(x: jax.Array, lead: int = 0) -> jax.Array:
+  """Keeps dimension `lead` of a batch array split over the mesh's batch axes (inside the microbatch scan,
+  where XLA would otherwise lose the layout); a no-op without a mesh."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(*(None,) * lead, sharding.BATCH_AXES))
+
+
 def make_train_step(model: Decoder, tx: optax.GradientTransformation, lr_schedule, aux_weights: dict,
-                    microbatches: int = 1, loss_chunk: int = 0):
+                    microbatches: int = 1, loss_chunk: int = 0, param_shardings=None):
   """(state, batch) -> (state, metrics). With microbatches = M > 1 the batch (B, T) runs as M microbatches
   of B/M sequences in a jax.lax.scan, gradients summed in fp32: loss, gradients and the logged
   intermediates are the means over microbatches, equal to the unsplit step's (tests/test_accum.py)
   except the MoE balance loss, which is computed per microbatch. Microbatch j holds rows j, M + j, ...,
-  so each device keeps its own rows when B is a multiple of M × the batch axes."""
+  so each device keeps its own rows when B is a multiple of M × the batch axes; param_shardings (the
+  params' NamedShardings) lay out the gradient sums like the parameters."""
   def loss_fn(params, batch):
     (hidden, unembed), inter = model.apply({"params": params}, batch["inputs"], return_hidden=True,
                                            mutable=["intermediates"])
@@ -78,14 +89,16 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation, lr_schedul
   def accumulated_grads(params, batch):
     if microbatches == 1:
       return grad_fn(params, batch)
-    split = {k: v.reshape(v.shape[0] // microbatches, microbatches, *v.shape[1:]).swapaxes(0, 1)
-             for k, v in batch.items()}                                     # (M, B/M, T)
+    split = {k: _batch_constraint(v.reshape(v.shape[0] // microbatches, microbatches, *v.shape[1:]).swapaxes(0, 1),
+                                  lead=1) for k, v in batch.items()}       # (M, B/M, T)
 
     def body(grad_sum, micro):
-      out, grads = grad_fn(params, micro)
+      out, grads = grad_fn(params, {k: _batch_constraint(v) for k, v in micro.items()})
       return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads), out
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    if param_shardings is not None:
+      zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
     grad_sum, outs = jax.lax.scan(body, zeros, split)
     grads = jax.tree.map(lambda g, p: (g / microbatches).astype(p.dtype), grad_sum, params)
     return jax.tree.map(lambda x: jnp.mean(x, axis=0), outs), grads
@@ -107,7 +120,7 @@ def jit_train_step(run: Run):
   aux_weights = {k: float(v) for k, v in run.config.get("loss_weights", {}).items()}
   c = run.config.train
   return jax.jit(make_train_step(run.model, run.tx, run.lr_schedule, aux_weights, c.get("microbatches", 1),
-                                 c.get("loss_chunk", 0)),
+                                 c.get("loss_chunk", 0), run.state_shardings.params),
                  in_shardings=(run.state_shardings, run.batch_sharding),
                  out_shardings=(run.state_shardings, None), donate_argnums=0)
 
@@ -196,34 +209,6 @@ def global_batch(run: Run, local: dict) -> dict:
           for k, v in local.items()}
 
 
-def restore_or_init(run: Run, ckpt: checkpoint.Checkpoints, data_iter) -> TrainState:
-  """Restores the newest readable checkpoint (unreadable ones are set aside with a warning), or inits."""
-  for step in ckpt.all_steps():
-    try:
-      saved = ckpt.read_meta(step)
-    except Exception as e:  # a truncated or corrupted checkpoint: fall back to an older one
-      _set_aside(ckpt, step, e)
-      continue
-    diff = checkpoint.config_diff(saved["config"]["model"], run.config.model.to_dict())
-    if diff:
-      raise TrainingError(f"{ckpt.directory} holds a checkpoint (step {step}) of a different model:\n  "
-                          + "\n  ".join(diff) + "\nuse a new --workdir, or the checkpoint's model config")
-    try:
-      state, data_state = ckpt.restore(step, run.abstract_state)
-    except Exception as e:
-      _set_aside(ckpt, step, e)
-      continue
-    data_iter.set_state(data_state)
-    return state
-  return init_state(run)
-
-
-def _set_aside(ckpt: checkpoint.Checkpoints, step: int, error: Exception) -> None:
-  where = ckpt.set_aside(step)
-  logging.warning("checkpoint step %d in %s is unreadable (%s: %s); moved it to %s and trying an older one",
-                  step, ckpt.directory, type(error).__name__, str(error)[:200], where)
-
-
 def eval_batch_count(run: Run) -> int:
   """Validation batches per evaluation: ⌈train.eval_tokens / tokens per batch⌉ when eval_tokens > 0,
   else train.eval_batches; never more than the whole split holds."""
@@ -254,27 +239,73 @@ def _sample_text(run: Run, params, prompt: str = "def ") -> str:
                                 seed=run.config.train.seed)
 
 
-def _save(ckpt, step, state, data_iter, config) -> None:
-  ckpt.save(step, state, data_iter.get_state(), {"step": step, "config": json.loads(config.to_json_best_effort())})
+def _save(ckpt, step, state, data_iter, config, **extra) -> None:
+  """extra: tokens consumed, the health history, the resume_step this run descends from (startup.resume)."""
+  meta = {"step": step, "config": json.loads(config.to_json_best_effort()), **extra,
+          "structure": checkpoint.structure(state), "checksums": checkpoint.checksums(state)}
+  ckpt.save(step, state, data_iter.get_state(), meta)
+
+
+def _diverged(what: str, ckpt, last_good, spike) -> TrainingError:
+  """The stop message for a run whose loss or parameters blew up: which checkpoint to go back to, and how."""
+  if last_good is None:
+    return TrainingError(f"{what}; stopped without saving. Last good checkpoint: none in {ckpt.directory}. "
+                         "Lower optim.lr or raise optim.warmup_steps and rerun (it starts over).")
+  before = f" (the last one before step {spike[0]}: {spike[1]})" if spike else ""
+  return TrainingError(f"{what}; stopped without saving. Last good checkpoint: step {last_good} in "
+                       f"{ckpt.directory}{before}. Lower optim.lr or raise optim.warmup_steps and rerun with "
+                       f"--config.train.resume_step={last_good} (later checkpoints, if any, are moved to "
+                       "checkpoints_superseded/)")
 
 
 def train(config, workdir: str) -> dict:
   """Runs (or resumes) training in `workdir`; returns the last logged record. SIGTERM saves a
   checkpoint at the next step boundary and returns early (the record then has `preempted: True`)."""
   try:
+    startup.check_config(config)
     wandb_log.check(config)
     run = build(config)
-  except ValueError as e:  # config validation: already a message naming the field and the fix
+  except (ValueError, startup.StartupError) as e:  # config validation: a message naming the field and the fix
     raise TrainingError(str(e)) from e
   main_process = jax.process_index() == 0
+  lock = workdir_lock.WorkdirLock(workdir) if main_process else None  # one run per workdir
   if main_process:  # epath: a local directory or an object store (gs://)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+    try:
+      lock.acquire()
+    except workdir_lock.LockedError as e:
+      raise TrainingError(str(e)) from None
+  try:
+    return _train(config, workdir, run, main_process)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config, workdir: str, run: Run, main_process: bool) -> dict:
   ckpt = checkpoint.Checkpoints(workdir, config.checkpoint.every, config.checkpoint.keep)
   data_iter = run.data.train_iter()
-  state = restore_or_init(run, ckpt, data_iter)
-  start = int(jax.device_get(state.step))
-  c = config.train
+  try:
+    resumed = startup.resume(run, ckpt, data_iter, init_state)
+  except startup.StartupError as e:  # refused: nothing in the workdir was changed
+    ckpt.close()
+    raise TrainingError(str(e)) from None
+  state, start, c = resumed.state, resumed.step, config.train
+  say = print if main_process else (lambda *a, **k: None)
+  for line in resumed.notes:
+    say(line)
+  if start >= c.steps:  # rewrite nothing
+    ckpt.close()
+    say(f"{workdir} is already done: its checkpoint is at step {start} and train.steps = {c.steps}; nothing to "
+        f"do (raise --config.train.steps to train on)")
+    return {"step": start, "done": True}
+  for step in resumed.supersede:
+    say(f"note: train.resume_step = {start}: moved the later checkpoint step {step} to "
+        f"{ckpt.set_aside(step, 'checkpoints_superseded')}")
+  if main_process:  # only now that every resume check has passed
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+  health = Health(resumed.meta.get("health") if resumed.meta else None)
+  tokens_at_start, spike = startup.tokens_at(resumed.meta, start), None
   names = run.model.spec.ffn.activations
   guard = runtime.PreemptionGuard()
   with sharding.mesh_context(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
@@ -311,21 +342,28 @@ def train(config, workdir: str) -> dict:
         last_intermediates = jax.device_get(window[-1]["intermediates"])
         fetched = jax.device_get([{k: v for k, v in m.items() if k != "intermediates"} for m in window])
         window = []
-        bad = [i for i, m in enumerate(fetched) if not np.isfinite(m["loss"])]
-        if bad:
-          raise TrainingError(f"loss is {fetched[bad[0]]['loss']} at step {step - len(fetched) + bad[0] + 1}; "
-                              f"stopped without saving. Last good checkpoint: "
-                              f"{'step ' + str(last_good) if last_good is not None else 'none'} in "
-                              f"{ckpt.directory}. Lower optim.lr or raise optim.warmup_steps and rerun "
-                              "(it resumes from there).")
-        if save_now:
+        for i, m in enumerate(fetched):  # the save rule: moa_jax/health.py
+          at, why = step - len(fetched) + i + 1, health.check(float(m["loss"]), float(m["param_norm"]))
+          if not (np.isfinite(m["loss"]) and np.isfinite(m["param_norm"])):
+            what = "loss" if not np.isfinite(m["loss"]) else "param_norm"
+            raise _diverged(f"{what} is {m[what]} at step {at}", ckpt, last_good, spike)
+          if why and spike is None:
+            spike = (at, why)
+            say(f"warning: step {at}: {why}; no checkpoint is saved until the run recovers")
+          elif not why:
+            spike = None
+        tokens = tokens_at_start + (step - start) * tokens_per_step
+        if save_now and spike is not None and (step == c.steps or preempted):
+          raise _diverged(f"step {step} is not fit to save", ckpt, last_good, spike)
+        if save_now and spike is None:
           with timer.checkpoint():
-            _save(ckpt, step, state, data_iter, config)
+            _save(ckpt, step, state, data_iter, config, tokens=tokens, health=health.state(),
+                  resume_step=c.get("resume_step", 0))
           last_good = step
         if log_now:
           elapsed = timer.train_sec()  # less checkpoint blocking and sampling
           tok_s = tokens_per_step * (step - t_step) / elapsed
-          record = {"step": step, "tokens": step * tokens_per_step,
+          record = {"step": step, "tokens": tokens,
                     **{k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]},
                     "tokens_per_sec": tok_s,
                     "mfu": run.summary["flops_per_token"] * tok_s / (peak * jax.device_count()) if peak else None,
@@ -348,7 +386,7 @@ def train(config, workdir: str) -> dict:
           timer.restart()
           t_step = step
         if preempted:
-          writer.print(f"SIGTERM: saved step {step} in {ckpt.directory}; rerun the same command to resume")
+          writer.print(f"{guard.signal_name}: saved step {step} in {ckpt.directory}; rerun the same command to resume")
           record = {**record, "preempted": True}
           break
         if c.sample_every and step % c.sample_every == 0:
@@ -399,6 +437,7 @@ def format_memory(config, mem: dict) -> str:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines out of the progress bar
+  startup.quiet_storage_logs()  # a full disk ends in one line, not a traceback per background writer
   f = flags.FLAGS
   try:
     runtime.initialize(f.coordinator_address, f.num_processes, f.process_id)
@@ -408,8 +447,16 @@ def main(argv):
     if not f.workdir:
       raise TrainingError("--workdir is required to train (only --compile_only runs without one)")
     train(f.config, f.workdir)
-  except (TrainingError, ValueError) as e:
-    raise SystemExit(f"error: {e}")
+  except KeyboardInterrupt:
+    raise SystemExit("error: interrupted by a second Ctrl-C: stopped without saving; the checkpoints already "
+                     "saved are intact, and rerunning the same command resumes from the newest") from None
+  except Exception as e:
+    full = startup.storage_error(e)  # a full disk or read-only workdir, however deep Orbax wrapped it
+    if full is not None:
+      raise SystemExit(startup.storage_message(full, f.workdir)) from None
+    if isinstance(e, (TrainingError, ValueError)):
+      raise SystemExit(f"error: {e}") from None
+    raise
 
 
 if __name__ == "__main__":
@@ -420,4 +467,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
   flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  app.run(main, flags_parser=startup.parse_flags)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from moa_jax import eval as evaluate
-from moa_jax import plot, rundir, sample
+from moa_jax import generate, plot, rundir, sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,7 +50,7 @@ def test_plot_cli_writes_a_png_per_metric(debug_run, tmp_path, jax_cache):
   assert (tmp_path / "eval.png").stat().st_size > 10_000
   with pytest.raises(SystemExit, match="no 'nope' values"):
     plot.main([debug_run, "--out", str(tmp_path / "x.png"), "--metric", "nope"])
-  with pytest.raises(rundir.RunDirError, match="metrics.jsonl does not exist"):
+  with pytest.raises(SystemExit, match="error: .*metrics.jsonl does not exist"):
     plot.main([str(tmp_path), "--out", str(tmp_path / "x.png")])
 
 
@@ -89,11 +89,11 @@ def _fixed_logits(variables, buffer):  # a stand-in model: the same next-token l
 
 def test_generate_greedy_top_k_and_eos():
   params = {"logits": jnp.array([0.0, 3.0, 2.9, -1.0, 1.0])}  # token 1 most likely, then 2
-  assert sample.generate(_fixed_logits, params, [0], 4, temperature=0.0) == [1, 1, 1, 1]
-  assert sample.generate(_fixed_logits, params, [0], 4, temperature=5.0, top_k=1, seed=7) == [1, 1, 1, 1]
-  drawn = sample.generate(_fixed_logits, params, [0], 200, temperature=5.0, top_k=2, seed=0)
+  assert generate.generate(_fixed_logits, params, [0], 4, temperature=0.0) == [1, 1, 1, 1]
+  assert generate.generate(_fixed_logits, params, [0], 4, temperature=5.0, top_k=1, seed=7) == [1, 1, 1, 1]
+  drawn = generate.generate(_fixed_logits, params, [0], 200, temperature=5.0, top_k=2, seed=0)
   assert set(drawn) == {1, 2}  # hot enough to draw both, and never outside the top 2
-  assert set(sample.generate(_fixed_logits, params, [0], 200, temperature=5.0, top_k=0, seed=0)) == {0, 1, 2, 3, 4}
-  assert sample.generate(_fixed_logits, params, [0], 9, temperature=0.0, eos_id=1) == [1]
+  assert set(generate.generate(_fixed_logits, params, [0], 200, temperature=5.0, top_k=0, seed=0)) == {0, 1, 2, 3, 4}
+  assert generate.generate(_fixed_logits, params, [0], 9, temperature=0.0, eos_id=1) == [1]
   with pytest.raises(ValueError, match="prompt is empty"):
-    sample.generate(_fixed_logits, params, [], 3)
+    generate.generate(_fixed_logits, params, [], 3)

@@ -1,6 +1,5 @@
 """The training loop end to end on the debug config: loss, metrics, checkpoints, resume, bad input."""
 
-import json
 import os
 import signal
 import subprocess
@@ -11,14 +10,13 @@ import jax
 import numpy as np
 import pytest
 
-from moa_jax import train
+from moa_jax import rundir, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+  return rundir.records(workdir)  # one record per step, the newest winning
 
 
 def test_loss_falls_and_metrics_and_checkpoints_are_written(debug_config, tmp_path):
