@@ -111,7 +111,7 @@ def moe_config(num_experts: int = 0, top_k: int = 2) -> ml_collections.ConfigDic
       path="dropless",                           # dropless (grouped matmuls) | capacity (fixed (E, C, D) buffers)
       capacity_factor=1.25,                      # capacity path: slots per expert = ⌈factor·tokens·top_k/E⌉
       gmm="auto",                                # grouped matmul: auto | tokamax | megablox | ragged_dot
-      buffer_factor=2.0,                         # expert parallelism: receive rows per device pair / balanced
+      buffer_factor=1.25,                        # expert parallelism: receive rows per device pair / balanced
   ))
 
 

@@ -448,8 +448,9 @@ def main(argv):
       raise TrainingError("--workdir is required to train (only --compile_only runs without one)")
     train(f.config, f.workdir)
   except KeyboardInterrupt:
-    raise SystemExit("error: interrupted by a second Ctrl-C: stopped without saving; the checkpoints already "
-                     "saved are intact, and rerunning the same command resumes from the newest") from None
+    raise SystemExit("error: interrupted (Ctrl-C before training began, or a second one): stopped without "
+                     "saving; the checkpoints already saved are intact, and rerunning the same command resumes "
+                     "from the newest") from None
   except Exception as e:
     full = startup.storage_error(e)  # a full disk or read-only workdir, however deep Orbax wrapped it
     if full is not None:

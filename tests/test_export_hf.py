@@ -71,13 +71,13 @@ def moa_and_hf_logits(hf, run, params, out, trust_remote_code=False):
 
 @pytest.mark.parametrize("ffn,model", [
     ("swiglu", {}),                                             # tied, GQA (4 query heads, 2 kv heads)
-    ("geglu", {"tie_embeddings": False, "n_kv_heads": 4}),      # untied, MHA
-    ("reglu", {"n_kv_heads": 1, "rope_theta": 500_000.0}),      # MQA, another RoPE base
+    pytest.param("geglu", {"tie_embeddings": False, "n_kv_heads": 4}, marks=pytest.mark.slow),  # untied, MHA
+    pytest.param("reglu", {"n_kv_heads": 1, "rope_theta": 500_000.0}, marks=pytest.mark.slow),  # MQA, RoPE base
 ])
 def test_dense_glu_is_llama_with_equal_logits(hf, tmp_path, data_cache, ffn, model):
   run, params = make_checkpoint(tmp_path / "run", data_cache, ffn, **model)
   out = str(tmp_path / "hf")
-  r = export_hf.export(str(tmp_path / "run"), out)
+  r = export_hf.export(str(tmp_path / "run"), out, tokenizer=run.data.tokenizer.path)  # without the data cache
   assert r["architecture"] == "LlamaForCausalLM" and r["step"] == 3
   assert not os.path.exists(os.path.join(out, "modeling_moa_llama.py"))
   hf_model, ours, theirs = moa_and_hf_logits(hf, run, params, out)
@@ -86,13 +86,19 @@ def test_dense_glu_is_llama_with_equal_logits(hf, tmp_path, data_cache, ffn, mod
   assert np.max(np.abs(ours - theirs)) < TOL, np.max(np.abs(ours - theirs))
   n_params = sum(p.numel() for p in hf_model.parameters())
   assert n_params == sum(np.size(p) for p in jax.tree.leaves(params))
+  # The tokenizer: AutoTokenizer reads it back and encodes as the run did.
+  text = "def f(x):\n    return x ** 2  # squares\n"
+  tok = hf[1].AutoTokenizer.from_pretrained(out)
+  assert tok.encode(text) == run.data.tokenizer.encode(text)
+  assert tok.decode(tok.encode(text)) == text
+  assert tok.eos_token_id == run.data.tokenizer.eos_id == hf_model.config.eos_token_id
 
 
 @pytest.mark.parametrize("ffn,model", [
     ("bimoa", {"groups": 2}),                                   # bi-sided MoA, two channel groups
-    ("moa", {"gate": "softmax", "gate_bias": False}),           # one-sided, softmax gates, no bias
-    ("la_mlp", {}),                                             # Type-I LA
-    ("gelu_mlp", {"activations": ("gelu",), "primary": "gelu"}),  # Type-I fixed, exact GELU
+    pytest.param("moa", {"gate": "softmax", "gate_bias": False}, marks=pytest.mark.slow),  # one-sided, softmax
+    pytest.param("la_mlp", {}, marks=pytest.mark.slow),                                    # Type-I LA
+    pytest.param("gelu_mlp", {"activations": ("gelu",), "primary": "gelu"}, marks=pytest.mark.slow),  # Type-I
 ])
 def test_mixed_and_type1_ffns_load_as_custom_code_with_equal_logits(hf, tmp_path, data_cache, ffn, model):
   run, params = make_checkpoint(tmp_path / "run", data_cache, ffn, **model)
@@ -105,30 +111,36 @@ def test_mixed_and_type1_ffns_load_as_custom_code_with_equal_logits(hf, tmp_path
   assert sum(p.numel() for p in hf_model.parameters()) == sum(np.size(p) for p in jax.tree.leaves(params))
 
 
-def test_tokenizer_loads_with_auto_tokenizer(hf, tmp_path, data_cache):
-  run, _ = make_checkpoint(tmp_path / "run", data_cache)
+@pytest.mark.slow
+def test_bfloat16_export_loads_in_bfloat16(hf, tmp_path, data_cache):
+  torch, transformers = hf
+  run, params = make_checkpoint(tmp_path / "run", data_cache)
   out = str(tmp_path / "hf")
   export_hf.export(str(tmp_path / "run"), out, dtype="bfloat16")
-  text = "def f(x):\n    return x ** 2  # squares\n"
-  tok = hf[1].AutoTokenizer.from_pretrained(out)
-  assert tok.encode(text) == run.data.tokenizer.encode(text)
-  assert tok.decode(tok.encode(text)) == text
-  assert tok.eos_token_id == run.data.tokenizer.eos_id
-  with open(os.path.join(out, "config.json")) as f:
-    assert json.load(f)["dtype"] == "bfloat16"
+  model = transformers.AutoModelForCausalLM.from_pretrained(out)
+  assert model.config.dtype == torch.bfloat16
+  ours = np.asarray(params["embedding"], np.float32)
+  theirs = model.model.embed_tokens.weight.detach().float().numpy()
+  assert np.max(np.abs(ours - theirs)) <= 2**-8 * np.max(np.abs(ours))
 
 
-def test_refusals_are_one_line_and_write_nothing(tmp_path, data_cache):
-  make_checkpoint(tmp_path / "moe", data_cache, "moa", size="debug_moe")
+def test_refusals_are_one_line_and_write_nothing(tmp_path):
+  moe = presets.lm_config("debug_moe", "moa")
+  ckpt = checkpoint.Checkpoints(str(tmp_path / "moe"), 0, 1)  # export reads the config before the state
+  ckpt.save(3, {"w": np.zeros(2, np.float32)}, {}, {"step": 3, "config": json.loads(moe.to_json_best_effort())})
+  ckpt.wait()
+  ckpt.close()
+  r = cli(f"--workdir={tmp_path / 'moe'}", f"--out={tmp_path / 'hf_moe'}")
+  assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+  assert r.stderr.startswith("error: model.moe.num_experts = 8: MoE models cannot be exported"), r.stderr
   for args, needle in [
-      ([f"--workdir={tmp_path / 'moe'}", f"--out={tmp_path / 'hf_moe'}"], "model.moe.num_experts = 8"),
       ([f"--workdir={tmp_path / 'nothing'}", f"--out={tmp_path / 'hf_none'}"], "no checkpoints/ directory"),
       ([f"--workdir={tmp_path / 'moe'}", f"--out={tmp_path / 'hf_step'}", "--step=7"], "saved steps: [3]"),
       ([f"--workdir={tmp_path / 'moe'}", f"--out={tmp_path}"], "is not empty"),
+      ([f"--workdir={tmp_path / 'moe'}", f"--out={tmp_path / 'hf_dtype'}", "--dtype=int8"], "--dtype=int8"),
   ]:
-    r = cli(*args)
-    assert r.returncode != 0
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+    with pytest.raises(SystemExit) as e:
+      export_hf.main(args)
+    assert str(e.value.code).startswith("error: ") and "\n" not in str(e.value.code), e.value.code
+    assert needle in str(e.value.code), e.value.code
   assert sorted(os.listdir(tmp_path)) == ["moe"]
-  assert not os.path.exists(tmp_path / "nothing")

@@ -40,34 +40,53 @@ def fake_wandb(monkeypatch):
   return fake
 
 
-def test_training_logs_every_record_and_a_resumed_run_keeps_its_run_id(debug_config, fake_wandb, tmp_path):
-  workdir = str(tmp_path / "run")
-  c = debug_config
-  c.logging.wandb_project = "moa-tests"
-  c.logging.wandb_entity = "team"
-  c.train.steps = 4
-  c.checkpoint.every = 4
-  train.train(c, workdir)
-  c.train.steps = 6
-  train.train(c, workdir)  # resumes from step 4
-
-  inits = fake_wandb.of("init")
-  assert len(inits) == 2 and len(fake_wandb.of("finish")) == 2
-  run_id = open(os.path.join(workdir, wandb_log.RUN_ID_FILE)).read().strip()
-  for _, kwargs in inits:
-    assert kwargs["id"] == run_id and kwargs["resume"] == "allow"
-    assert kwargs["project"] == "moa-tests" and kwargs["entity"] == "team"
-    assert kwargs["config"]["model"]["ffn"]["mix"] == "moa"
+def train_with_wandb(config, fake, workdir, steps):
+  """Trains (or resumes) to `steps` with W&B on; returns (init kwargs, [(data, step)], metrics.jsonl records)."""
+  config.logging.wandb_project = "moa-tests"
+  config.logging.wandb_entity = "team"
+  config.train.steps = steps
+  config.checkpoint.every = 4
+  train.train(config, workdir)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
-  logs = fake_wandb.of("log")
-  assert [step for _, _, step in logs] == [r["step"] for r in records] == [2, 4, 6]
-  for (_, data, step), record in zip(logs, records):
+  return [c[1] for c in fake.of("init")], [(c[1], c[2]) for c in fake.of("log")], records
+
+
+def test_training_logs_every_record_to_wandb(debug_config, fake_wandb, tmp_path):
+  workdir = str(tmp_path / "run")
+  inits, logs, records = train_with_wandb(debug_config, fake_wandb, workdir, 4)
+  assert len(inits) == 1 and len(fake_wandb.of("finish")) == 1
+  run_id = open(os.path.join(workdir, wandb_log.RUN_ID_FILE)).read().strip()
+  assert inits[0]["id"] == run_id and inits[0]["resume"] == "allow"
+  assert inits[0]["project"] == "moa-tests" and inits[0]["entity"] == "team"
+  assert inits[0]["config"]["model"]["ffn"]["mix"] == "moa"
+  assert [step for _, step in logs] == [r["step"] for r in records] == [2, 4]
+  for (data, step), record in zip(logs, records):
     assert data == wandb_log.flatten(record)
     assert data["loss"] == record["loss"] and data["lr"] == record["lr"]
-    layer1 = record["gates"]["ffn.mix"]["silu"][1]
-    assert data["gates/ffn.mix/layer1/silu"] == layer1
-  assert "eval_loss" in logs[-1][1] and "step" not in logs[-1][1]
+    assert data["gates/ffn.mix/layer1/silu"] == record["gates"]["ffn.mix"]["silu"][1]
+  assert "eval_loss" in logs[-1][0] and "step" not in logs[-1][0]
+
+
+@pytest.mark.slow
+def test_a_resumed_training_run_continues_its_wandb_run(debug_config, fake_wandb, tmp_path):
+  workdir = str(tmp_path / "run")
+  train_with_wandb(debug_config, fake_wandb, workdir, 4)
+  inits, logs, records = train_with_wandb(debug_config, fake_wandb, workdir, 6)  # resumes from step 4
+  assert len(inits) == 2 and inits[0]["id"] == inits[1]["id"]
+  assert [step for _, step in logs] == [r["step"] for r in records] == [2, 4, 6]
+  assert [data for data, _ in logs] == [wandb_log.flatten(r) for r in records]
+
+
+def test_resuming_a_workdir_resumes_its_wandb_run_id(fake_wandb, tmp_path):
+  c = presets.lm_config("debug", "swiglu")
+  c.logging.wandb_project = "moa-tests"
+  for _ in range(2):
+    metrics.MetricsWriter(str(tmp_path / "run"), 10, 0, True, c).close()
+  metrics.MetricsWriter(str(tmp_path / "other"), 10, 0, True, c).close()
+  ids = [c[1]["id"] for c in fake_wandb.of("init")]
+  assert ids[0] == ids[1] != ids[2]
+  assert open(tmp_path / "run" / wandb_log.RUN_ID_FILE).read().strip() == ids[0]
 
 
 def test_missing_wandb_is_one_line_before_anything_is_written(debug_config, monkeypatch, tmp_path):
