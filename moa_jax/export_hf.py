@@ -4,9 +4,9 @@
 
 The model is the one the checkpoint was trained as (its stored config, not flags). DIR gets:
 - config.json, model.safetensors (written with the `safetensors` package's numpy API: no torch needed);
-- tokenizer.json + tokenizer_config.json (`AutoTokenizer` / `PreTrainedTokenizerFast`): the run's tokenizer,
-  or `--tokenizer=tokenizer.json` (the same vocabulary) when the run's data cache is not on this machine.
-  A sentencepiece `.model` is refused: convert it to a tokenizer.json and pass --tokenizer.
+- tokenizer.json + tokenizer_config.json (`AutoTokenizer` / `PreTrainedTokenizerFast`): the run's tokenizer
+  (a BPE trained on the corpus comes from the data cache, prepared again if it is gone). Runs with a
+  sentencepiece `.model` are refused.
 
 Dense Type-II models with one fixed activation (swiglu, geglu, reglu) are plain `LlamaForCausalLM`.
 Type-I MLPs and LA / MoA models are Llama with a custom FFN: the directory also gets
@@ -28,7 +28,6 @@ import os
 import shutil
 import tempfile
 
-import ml_collections
 import numpy as np
 
 MODELING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling", "modeling_moa_llama.py")
@@ -43,55 +42,17 @@ class ExportError(ValueError):
   """Something that stops an export; the message names the value and the fix."""
 
 
-def _tuples(value):
-  """JSON has no tuples: config fields saved as tuples (ffn.activations) come back as lists."""
-  if isinstance(value, dict):
-    return {k: _tuples(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_tuples(v) for v in value)
-  return value
+def restore(workdir: str, step: int | None = None):
+  """(config, params, step, tokenizer) of a run's checkpoint, with the config stored in the checkpoint
+  (moa_jax.rundir.restore: restored on this host's devices whatever mesh it was trained on)."""
+  from moa_jax import rundir  # jax-heavy: imported once the arguments are checked
 
-
-def restore(workdir: str, step: int | None = None, tokenizer: str | None = None):
-  """(config, params, step, tokenizer) from a run's checkpoint, the config being the one stored in the
-  checkpoint. The model is restored on this host's devices whatever mesh it was trained on. The tokenizer
-  is the file `tokenizer` if given, else the run's (a BPE trained on the corpus comes from the data cache,
-  which is prepared again if it is gone)."""
-  from moa_jax import checkpoint, train  # jax-heavy: imported once the arguments are checked
-  from moa_jax.data import load_tokenizer
-
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise ExportError(f"--workdir={workdir} has no checkpoints/ directory; give a directory written by "
-                      f"python -m moa_jax.train")
-  ckpt = checkpoint.Checkpoints(workdir, every=0, keep=1)  # read only: Orbax deletes old steps only on save
   try:
-    steps = ckpt.all_steps()
-    if not steps:
-      raise ExportError(f"{ckpt.directory} holds no complete checkpoint; train first")
-    if step is None:
-      step = steps[0]
-    elif step not in steps:
-      raise ExportError(f"--step={step}: no checkpoint at that step in {ckpt.directory}; saved steps: {sorted(steps)}")
-    try:
-      config = ml_collections.ConfigDict(_tuples(ckpt.read_meta(step)["config"]))
-    except Exception as e:  # a truncated checkpoint, or one written before configs were stored in it
-      raise ExportError(f"checkpoint step {step} in {ckpt.directory} has no readable config ({type(e).__name__}: "
-                        f"{str(e)[:200]}); pick another with --step") from e
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
-    check_exportable(config)
-    try:
-      run = train.build(config, with_data=not tokenizer)
-      tok = load_tokenizer(tokenizer) if tokenizer else run.data.tokenizer
-    except ValueError as e:  # config validation: a message naming the field
-      raise ExportError(str(e)) from e
-    try:
-      state, _ = ckpt.restore(step, run.abstract_state)
-    except Exception as e:  # a truncated or corrupted checkpoint
-      raise ExportError(f"checkpoint step {step} in {ckpt.directory} is unreadable ({type(e).__name__}: "
-                        f"{str(e)[:200]}); pick another with --step") from e
-  finally:
-    ckpt.close()
-  return config, state.params, step, tok
+    run, params, step = rundir.restore(workdir, step)
+  except rundir.RunDirError as e:
+    raise ExportError(str(e)) from e
+  check_exportable(run.config)
+  return run.config, params, step, run.data.tokenizer
 
 
 def check_exportable(config) -> None:
@@ -176,19 +137,13 @@ def _flatten(tree, prefix: str = "") -> dict:
   return out
 
 
-def check_tokenizer(tok, vocab_size: int) -> None:
-  if tok.path.endswith(".model"):
-    raise ExportError(f"the tokenizer {tok.path} is a sentencepiece model; export writes tokenizer.json files: "
-                      f"convert it to one (same ids) and pass --tokenizer=PATH/tokenizer.json")
-  if tok.vocab_size > vocab_size:
-    raise ExportError(f"--tokenizer={tok.path} has {tok.vocab_size} tokens but the model has "
-                      f"model.vocab_size = {vocab_size}; give the run's own tokenizer")
-
-
 def tokenizer_files(tok, max_length: int, out: str) -> None:
   """Writes the run's tokenizer (a moa_jax.data.Tokenizer backed by a tokenizer.json) into `out`."""
   import tokenizers
 
+  if tok.path.endswith(".model"):
+    raise ExportError(f"the run's tokenizer {tok.path} is a sentencepiece model; export writes tokenizer.json "
+                      f"tokenizers only (data.tokenizer=PATH/tokenizer.json, or the default trained BPE)")
   shutil.copyfile(tok.path, os.path.join(out, "tokenizer.json"))
   eos = tokenizers.Tokenizer.from_file(tok.path).id_to_token(tok.eos_id)
   with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
@@ -197,8 +152,7 @@ def tokenizer_files(tok, max_length: int, out: str) -> None:
                "model_max_length": max_length}, f, indent=2)
 
 
-def export(workdir: str, out: str, step: int | None = None, dtype: str = "float32",
-           tokenizer: str | None = None) -> dict:
+def export(workdir: str, out: str, step: int | None = None, dtype: str = "float32") -> dict:
   """Writes the Hugging Face directory `out` (which must not already hold files); returns
   {step, out, architecture, tensors, parameters}. Written to a temporary directory, then renamed."""
   if dtype not in DTYPES:
@@ -209,8 +163,7 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
     from safetensors.numpy import save_file
   except ImportError as e:
     raise ExportError("the safetensors package is not installed; pip install -e '.[hf]'") from e
-  config, params, step, tok = restore(workdir, step, tokenizer)
-  check_tokenizer(tok, config.model.vocab_size)
+  config, params, step, tok = restore(workdir, step)
   parent = os.path.dirname(os.path.abspath(out))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
@@ -240,12 +193,10 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--out", required=True, help="the Hugging Face directory to write (new or empty)")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
   parser.add_argument("--dtype", default="float32", help=f"tensor dtype: {', '.join(DTYPES)}")
-  parser.add_argument("--tokenizer", default=None,
-                      help="a tokenizer.json to ship instead of the run's (default: the run's own)")
   args = parser.parse_args(argv)
   from moa_jax import train
   try:
-    r = export(args.workdir, args.out, args.step, args.dtype, args.tokenizer)
+    r = export(args.workdir, args.out, args.step, args.dtype)
   except (ExportError, train.TrainingError, ValueError, OSError, ImportError) as e:
     raise SystemExit(f"error: {e}")
   remote = "; load with trust_remote_code=True" if r["architecture"] != "LlamaForCausalLM" else ""

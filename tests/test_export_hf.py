@@ -77,7 +77,7 @@ def moa_and_hf_logits(hf, run, params, out, trust_remote_code=False):
 def test_dense_glu_is_llama_with_equal_logits(hf, tmp_path, data_cache, ffn, model):
   run, params = make_checkpoint(tmp_path / "run", data_cache, ffn, **model)
   out = str(tmp_path / "hf")
-  r = export_hf.export(str(tmp_path / "run"), out, tokenizer=run.data.tokenizer.path)  # without the data cache
+  r = export_hf.export(str(tmp_path / "run"), out)
   assert r["architecture"] == "LlamaForCausalLM" and r["step"] == 3
   assert not os.path.exists(os.path.join(out, "modeling_moa_llama.py"))
   hf_model, ours, theirs = moa_and_hf_logits(hf, run, params, out)
@@ -124,17 +124,13 @@ def test_bfloat16_export_loads_in_bfloat16(hf, tmp_path, data_cache):
   assert np.max(np.abs(ours - theirs)) <= 2**-8 * np.max(np.abs(ours))
 
 
-def test_refusals_are_one_line_and_write_nothing(tmp_path):
-  moe = presets.lm_config("debug_moe", "moa")
-  ckpt = checkpoint.Checkpoints(str(tmp_path / "moe"), 0, 1)  # export reads the config before the state
-  ckpt.save(3, {"w": np.zeros(2, np.float32)}, {}, {"step": 3, "config": json.loads(moe.to_json_best_effort())})
-  ckpt.wait()
-  ckpt.close()
+def test_refusals_are_one_line_and_write_nothing(tmp_path, data_cache):
+  make_checkpoint(tmp_path / "moe", data_cache, "moa", size="debug_moe")
   r = cli(f"--workdir={tmp_path / 'moe'}", f"--out={tmp_path / 'hf_moe'}")
   assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
   assert r.stderr.startswith("error: model.moe.num_experts = 8: MoE models cannot be exported"), r.stderr
   for args, needle in [
-      ([f"--workdir={tmp_path / 'nothing'}", f"--out={tmp_path / 'hf_none'}"], "no checkpoints/ directory"),
+      ([f"--workdir={tmp_path / 'nothing'}", f"--out={tmp_path / 'hf_none'}"], "checkpoints does not exist"),
       ([f"--workdir={tmp_path / 'moe'}", f"--out={tmp_path / 'hf_step'}", "--step=7"], "saved steps: [3]"),
       ([f"--workdir={tmp_path / 'moe'}", f"--out={tmp_path}"], "is not empty"),
       ([f"--workdir={tmp_path / 'moe'}", f"--out={tmp_path / 'hf_dtype'}", "--dtype=int8"], "--dtype=int8"),
