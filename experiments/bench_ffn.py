@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moa_jax import activations
+from moa_jax import activations, kernels
 from moa_jax.kernels import mix
 from bench_timing import fmt, median_ms, temp_mb  # experiments/bench_timing.py, beside this script
 
@@ -46,13 +46,13 @@ def gelu_mlp(p, x, impl):
   if impl == "xla":
     a = jax.nn.gelu(h, approximate=True)
   else:
-    a = activations.mix_product(h, jnp.ones((1, 1)), ("gelu_tanh",), impl=impl)
+    a = kernels.mix_product(h, jnp.ones((1, 1)), ("gelu_tanh",), impl=impl)
   return a @ p["w3"]
 
 
 def moa_type1(p, x, impl):
   h = x @ p["w1"]
-  return activations.mix_product(h, _gates(x, p["u"], p["b"]), MOA, impl=impl) @ p["w3"]
+  return kernels.mix_product(h, _gates(x, p["u"], p["b"]), MOA, impl=impl) @ p["w3"]
 
 
 def swiglu(p, x, impl):
@@ -60,18 +60,18 @@ def swiglu(p, x, impl):
   if impl == "xla":
     a = jax.nn.silu(h) * u
   else:
-    a = activations.mix_product(h, jnp.ones((1, 1)), ("silu",), u, impl=impl)
+    a = kernels.mix_product(h, jnp.ones((1, 1)), ("silu",), u, impl=impl)
   return a @ p["w3"]
 
 
 def moa_one_sided(p, x, impl):
   h, u = x @ p["w1"], x @ p["w2"]
-  return activations.mix_product(h, _gates(x, p["u"], p["b"]), MOA, u, impl=impl) @ p["w3"]
+  return kernels.mix_product(h, _gates(x, p["u"], p["b"]), MOA, u, impl=impl) @ p["w3"]
 
 
 def bi_moa(p, x, impl):
   h, u = x @ p["w1"], x @ p["w2"]
-  a = activations.mix_product(h, _gates(x, p["u"], p["b"]), MOA, u,
+  a = kernels.mix_product(h, _gates(x, p["u"], p["b"]), MOA, u,
                               _gates(x, p["u2"], p["b2"]), MOA, impl=impl)
   return a @ p["w3"]
 
@@ -177,7 +177,7 @@ def bench_kernel(args, errors, dtype, rows, save):
   cases = [("Type-I MoA-7", (h, gates), 2 * elem, 3 * elem),
            ("one-sided MoA-7", (h, gates, u), 3 * elem, 5 * elem),
            ("bi-MoA-7", (h, gates, u, gates_u), 3 * elem, 5 * elem)]
-  configs = [("xla", {})] + [("pallas", {})] + [
+  configs = [("xla", {}), ("pallas", {}), ("pallas exact tanh", {"precision": "exact"})] + [
       (f"pallas {bt}x{bf}", {"block_t": bt, "block_f": bf}) for bt, bf in args.sweep]
   for name, operands, fwd_bytes, bwd_bytes in cases:
     gate_bytes = sum(g.size * 4 for g in operands[1::2])
@@ -240,7 +240,7 @@ def main():
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--impls", default="xla,pallas", help="comma-separated: xla, pallas")
   parser.add_argument("--sweep", type=parse_blocks, default=None,
-                      help="extra kernel blocks to time alone, e.g. 16x512,32x512 (block_t x "
+                      help="extra kernel blocks to time alone, e.g. 2x512,4x512 (block_t x "
                            "block_f); default: a few on GPU, none elsewhere")
   parser.add_argument("--copy_mib", type=int, default=None,
                       help="device-copy size (default 1024 MiB on accelerators, 64 on CPU)")
@@ -250,7 +250,7 @@ def main():
   args.impls = [i for i in args.impls.split(",") if i]
   platform = jax.default_backend()
   if args.sweep is None:
-    args.sweep = [(16, 512), (32, 512), (8, 512), (16, 256)] if platform == "gpu" else []
+    args.sweep = [(1, 512), (2, 512), (4, 512), (8, 512)] if platform == "gpu" else []
   if args.copy_mib is None:
     args.copy_mib = 64 if platform == "cpu" else 1024
   out = args.out or os.path.join(os.environ.get("OUT", "."), "bench_ffn.json")

@@ -10,7 +10,8 @@ dimensions of h (..., F), channel group g = f // (F / G) uses c[..., g, :]:
     m(h)[..., f] = Σ_k c[..., g(f), k] · σ_k(h[..., f])
 
 LA passes c of shape (G, K) (one set for all tokens), MoA per-token gates (B, T, G, K).
-`mix_product` is the one-function seam between the FFN modules and the fused kernel.
+This module is the table and the reference only: the seam that picks an implementation
+(`impl` = xla | pallas) is `moa_jax.kernels.mix_product`, and the fused kernel lives beside it.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def _silu_grad(z):
 
 ACTIVATIONS: dict[str, Activation] = {
     "identity": Activation(lambda z: z, jnp.ones_like, 0),
-    "relu": Activation(lambda z: jnp.maximum(z, 0.0), lambda z: (z > 0).astype(z.dtype), 1),
-    "relu2": Activation(lambda z: jnp.square(jnp.maximum(z, 0.0)), lambda z: 2.0 * jnp.maximum(z, 0.0), 2),
+    "relu": Activation(lambda z: jnp.where(z > 0, z, 0.0), lambda z: (z > 0).astype(z.dtype), 1),  # relu'(0) = 0
+    "relu2": Activation(lambda z: jnp.square(jnp.where(z > 0, z, 0.0)), lambda z: 2.0 * jnp.maximum(z, 0.0), 2),
     "leaky_relu": Activation(lambda z: jnp.where(z >= 0, z, LEAKY_SLOPE * z),
                              lambda z: jnp.where(z >= 0, 1.0, LEAKY_SLOPE).astype(z.dtype), 2),
     "gelu": Activation(_gelu_erf, _gelu_erf_grad, 8),         # exact: z·Φ(z)
@@ -113,7 +114,7 @@ def mix(h: Array, coef: Array, names: Sequence[str]) -> Array:
 
 
 def activate(h: Array, name: str, u: Array | None = None) -> Array:
-  """A fixed activation σ(h) (⊙ u for a GLU), with the same fp32 rounding path as `mix_product`."""
+  """A fixed activation σ(h) (⊙ u for a GLU), with the same fp32 rounding path as the mixing."""
   y = ACTIVATIONS[name].fn(h.astype(jnp.float32)).astype(h.dtype)
   if u is None:
     return y
@@ -129,37 +130,3 @@ def mix_product_reference(h: Array, coef: Array, names: Sequence[str], u: Array 
   if coef_u is not None:
     u = mix(u, coef_u, names_u)
   return (y.astype(jnp.float32) * u.astype(jnp.float32)).astype(h.dtype)
-
-
-def mix_product(h: Array, coef: Array, names: Sequence[str], u: Array | None = None,
-                coef_u: Array | None = None, names_u: Sequence[str] | None = None,
-                *, impl: str = "xla") -> Array:
-  """The seam between the FFN modules and the fused kernel: `impl` is "xla" or "pallas".
-
-  Under a multi-device mesh (set by the trainer) the kernel runs per device in shard_map, with h
-  laid out as the logical axes ('batch', 'length', 'mlp') say: the mixing is per token, so each
-  device mixes its own tokens and channels."""
-  if impl == "xla":
-    return mix_product_reference(h, coef, names, u, coef_u, names_u)
-  if impl != "pallas":
-    raise ValueError(f"model.ffn.impl = {impl!r}; known: xla, pallas")
-  from moa_jax.kernels import mix as mix_kernel  # imported lazily: pallas import is slow
-  names, names_u = tuple(names), None if names_u is None else tuple(names_u)
-  mesh = _auto_mesh()
-  if mesh is None or h.ndim != 3:
-    return mix_kernel.mix_product(h, coef, names, u, coef_u, names_u)
-  import flax.linen as nn
-  spec = nn.logical_to_mesh_axes(("batch", "length", "mlp"))
-  return mix_kernel.mix_product_sharded(h, coef, names, u, coef_u, names_u, mesh=mesh, spec=spec)
-
-
-def _auto_mesh():
-  """The current multi-device mesh if its axes are all automatic (not inside shard_map), else None."""
-  get = getattr(jax.sharding, "get_abstract_mesh", None)
-  mesh = get() if get else None
-  if mesh is None or getattr(mesh, "empty", True) or mesh.size == 1:
-    return None
-  auto = getattr(jax.sharding.AxisType, "Auto", None)
-  if auto is not None and any(t != auto for t in getattr(mesh, "axis_types", ())):
-    return None
-  return mesh

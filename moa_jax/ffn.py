@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moa_jax import activations
+from moa_jax import activations, kernels
 
 Array = jax.Array
 
@@ -134,7 +134,7 @@ def mix_hidden(spec: FFNSpec, h: Array, u: Array | None, coef: Array | None = No
   if spec.mix == "fixed":
     return activations.activate(h, spec.activations[0], u)
   names_u = spec.activations if spec.bi_sided else None
-  return activations.mix_product(h, coef, spec.activations, u, coef_u, names_u, impl=spec.impl)
+  return kernels.mix_product(h, coef, spec.activations, u, coef_u, names_u, impl=spec.impl)
 
 
 class Mixer(nn.Module):
@@ -152,6 +152,7 @@ class Mixer(nn.Module):
     logits = jnp.einsum("BTD,DGK->BTGK", x, p["gate_kernel"].astype(x.dtype), preferred_element_type=jnp.float32)
     g = gates(self.spec, logits, p.get("gate_bias"))  # (B, T, G, K)
     self.sow("intermediates", "mix_mean", jnp.mean(g, axis=(0, 1, 2)))
+    self.sow("intermediates", "mix_std", jnp.mean(jnp.std(g, axis=(0, 1)), axis=0))  # (K,): over tokens
     return g
 
 

@@ -41,6 +41,16 @@ def test_activation_and_derivative(name):
   np.testing.assert_allclose(act.grad(jnp.asarray(z)), autodiff, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_relu_derivative_at_zero_is_zero_on_both_paths(impl):
+  """relu'(0) = 0 through the FFN's mixing seam (the xla path once gave 0.5, autodiff of max)."""
+  from moa_jax.ffn import mix_hidden
+  s = spec(type="mlp", activations=("relu", "tanh"), primary="relu", impl=impl)
+  h, coef = jnp.zeros((1, 2, 48)), jnp.array([[1.0, 0.0]])
+  grad = jax.grad(lambda h: jnp.sum(mix_hidden(s, h, None, coef)))(h)
+  assert float(jnp.abs(grad).max()) == 0.0
+
+
 def test_unknown_activation_names_the_known_ones():
   with pytest.raises(ValueError, match=r"contains 'swish2'; known: identity, relu, .*tanh"):
     activations.check_names(("relu", "swish2"))

@@ -1,0 +1,60 @@
+"""The mixing seam between the FFN modules and its implementations, and the fused kernels.
+
+    mix_product(h, coef, names, u, coef_u, names_u, impl="xla" | "pallas")
+
+impl="xla" is `activations.mix_product_reference` (plain jnp, XLA fuses it; every backend);
+impl="pallas" is the fused kernel (`kernels.mix`), run per device in shard_map under a
+multi-device mesh. Layout: mix.py (shared block maths, custom VJP, public kernel entry),
+forms.py (the dictionary as shared bases), triton.py (GPU), tpu.py (TPU; CPU interpreted).
+Import arrows: activations ← kernels ← ffn; the Pallas modules are imported on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+
+from moa_jax import activations
+
+Array = jax.Array
+IMPLS = ("xla", "pallas")
+# Logical axes of the hidden activations by rank: (B, T, F) from the FFN, (N, F) flattened tokens.
+_LOGICAL_AXES = {3: ("batch", "length", "mlp"), 2: ("batch", "mlp")}
+
+
+def mix_product(h: Array, coef: Array, names: Sequence[str], u: Array | None = None,
+                coef_u: Array | None = None, names_u: Sequence[str] | None = None,
+                *, impl: str = "xla") -> Array:
+  """m(h), m(h) ⊙ u or m(h) ⊙ m_u(u) by `impl`; shapes as `activations.mix_product_reference`.
+
+  Under a multi-device mesh of Auto axes (set by the trainer) the kernel runs per device in
+  shard_map, h laid out as its logical axes say (`_LOGICAL_AXES`): mixing is per token, so each
+  device mixes its own tokens and channels."""
+  if impl == "xla":
+    return activations.mix_product_reference(h, coef, names, u, coef_u, names_u)
+  if impl != "pallas":
+    raise ValueError(f"model.ffn.impl = {impl!r}; known: {', '.join(IMPLS)}")
+  from moa_jax.kernels import mix  # imported lazily: the Pallas import is slow
+  mesh = _auto_mesh()
+  if mesh is None:
+    return mix.mix_product(h, coef, names, u, coef_u, names_u)
+  if h.ndim not in _LOGICAL_AXES:
+    raise ValueError(f"the pallas mixing kernel on a {mesh.size}-device mesh takes h of rank "
+                     f"{' or '.join(map(str, _LOGICAL_AXES))}, got shape {h.shape}; reshape to "
+                     "(batch, length, F) or use model.ffn.impl='xla'")
+  import flax.linen as nn
+  spec = nn.logical_to_mesh_axes(_LOGICAL_AXES[h.ndim])
+  return mix.mix_product_sharded(h, coef, names, u, coef_u, names_u, mesh=mesh, spec=spec)
+
+
+def _auto_mesh():
+  """The current multi-device mesh if its axes are all automatic (not inside shard_map), else None."""
+  get = getattr(jax.sharding, "get_abstract_mesh", None)
+  mesh = get() if get else None
+  if mesh is None or getattr(mesh, "empty", True) or mesh.size == 1:
+    return None
+  auto = getattr(jax.sharding.AxisType, "Auto", None)
+  if auto is not None and any(t != auto for t in getattr(mesh, "axis_types", ())):
+    return None
+  return mesh
