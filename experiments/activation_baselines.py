@@ -1,25 +1,26 @@
 """Fixed-activation baselines: ReLU, GELU, SiLU and ReLU² MLPs (Type-I) and SwiGLU, GeGLU, ReGLU (Type-II).
 
-Run (one GPU, ~21 runs of a few minutes each):
-  python -m moa_jax.study experiments/activation_baselines.py --workdir=runs/activation_baselines
-On a CPU (debug model, ~5 minutes):
-  python -m moa_jax.study experiments/activation_baselines.py --workdir=/tmp/act --study.sizes=debug \
-      --study.steps=300 --study.seeds=0,1 --config.train.batch_size=8 --config.train.seq_len=64 \
-      --config.data.max_bytes=2000000
-Compares: every fixed FFN of the quickstart size (~10M parameters; all variants have equal matmul
-parameters: F = 4d for MLPs, F ≈ 8/3·d for GLUs), 2000 steps × 4096 tokens ≈ one pass over the whole
-stdlib corpus, seeds 0-2, each against the GELU MLP (SPEC's Type-I baseline).
+Run (0.12B at 20 tokens per parameter; pass a corpus of a few billion tokens):
+  python -m moa_jax.study experiments/activation_baselines.py --workdir=runs/activation_baselines \
+      --config.data.source='jsonl:/data/*.jsonl'
+Plan (--plan): 42 runs (up to 56 with lr widening), 2.2-2.4B tokens each; 8.1e19 training FLOPs, ~57
+H200-hours at 40% MFU (~76 at most), evals on top.
+On a CPU (debug model; --plan at 16k tokens/s: ~1.9 h of training, ~2.5 h at most):
+  python -m moa_jax.study experiments/activation_baselines.py --workdir=/tmp/act --study.sizes=debug
+Every fixed FFN at equal matmul parameters (F = 4d for MLPs, F ≈ 8/3·d for GLUs), each at its own
+tuned lr (seed 100, grid 0.5×, 1×, 2×, widened at an edge), seeds 0-2, each against the GELU MLP
+(SPEC's Type-I baseline); primary: SwiGLU − GELU MLP.
 Expect: the GLUs beat the MLPs, ReLU² the best MLP and ReLU the worst (the usual ordering in the
 literature), by a few hundredths of a nat. These are the fixed points LA and MoA must beat.
 """
 
-from moa_jax.study import QUICKSTART_ONE_PASS, Study
+from moa_jax.study import Study
 
 
 def get_study() -> Study:
   return Study(
       name="activation_baselines",
-      sizes=("quickstart",),
+      sizes=("0.12b",),
       arms={
           "gelu_mlp": "gelu_mlp",
           "relu_mlp": "relu_mlp",
@@ -31,6 +32,8 @@ def get_study() -> Study:
       },
       baseline="gelu_mlp",
       seeds=(0, 1, 2),
-      steps=2000,
-      overrides=QUICKSTART_ONE_PASS,
+      tune_seeds=(100,),
+      lr_multipliers=(0.5, 1.0, 2.0),
+      final_evals=3,
+      primary=("swiglu", "gelu_mlp"),
   )
