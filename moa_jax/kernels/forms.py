@@ -190,12 +190,8 @@ def basis_coefs(names: Sequence[str], cols: Sequence[Array], which: int) -> dict
 
 def combine(coefs: dict[str, Array], basis: Basis) -> Array:
   """Σ_j coefs[j] · b_j: the mixture (or its derivative) on one block."""
-  acc = None
-  for name, c in coefs.items():
-    b = basis[name]
-    term = c * b
-    acc = term if acc is None else acc + term
-  return jnp.broadcast_to(acc, basis.z.shape) if acc is not None else jnp.zeros_like(basis.z)
+  terms_ = [c * basis[name] for name, c in coefs.items()]
+  return jnp.broadcast_to(sum(terms_[1:], terms_[0]), basis.z.shape)  # "one" alone is (bt, 1)
 
 
 def coef_grads(names: Sequence[str], sums: dict[str, Array]) -> list[Array]:

@@ -120,7 +120,7 @@ class Tiling:
 def pow2_tile(n: int, target: int, floor: int = 1) -> tuple[int, int]:
   """(block, padded n) for power-of-two blocks: the largest block in [floor, target] that
   tiles n; else the block in that range that pads n least (the larger one on ties)."""
-  target = max(floor, min(target, pl_next_pow2(n)))
+  target = max(floor, min(target, next_pow2(n)))
   best = None
   b = target
   while b >= floor:
@@ -144,7 +144,7 @@ def multiple_tile(n: int, target: int, quantum: int, whole: bool) -> tuple[int, 
   return best
 
 
-def pl_next_pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 

@@ -45,7 +45,7 @@ class Layout:
     return _pl_triton().approx_tanh(x)  # tanh.approx.f32: one MUFU op
 
   def kpad(self, k: int) -> int:
-    return mix.pl_next_pow2(k)
+    return mix.next_pow2(k)
 
   def tiling(self, t: int, fg: int, backward: bool, block_t, block_f) -> mix.Tiling:
     mix.check_block(block_t, "block_t", 1, True, self.name)
