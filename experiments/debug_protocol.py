@@ -35,4 +35,5 @@ def get_study() -> Study:
       primary=("bimoa", "swiglu"),
       comparisons=(("bimoa", "swiglu"), ("bimoa", "bila"), ("bila", "swiglu")),
       effect=0.01,
+      pilot_sd=0.023,  # bi-MoA − SwiGLU's paired SD in experiments/results/tiny_mixing (400 steps, 3 seeds)
   )

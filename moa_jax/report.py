@@ -354,10 +354,16 @@ def _comparison_table(study, comparisons: list[Comparison]) -> list[str]:
 def _power_table(study, comparisons: list[Comparison]) -> list[str]:
   effect = getattr(study, "effect", 0.01)
   rows = [c for c in comparisons if c.d.n >= 2]
-  if not rows:
+  pilot = getattr(study, "pilot_sd", 0.0)
+  if not rows and not pilot:
     return []
   out = ["## Power", "", f"| comparison | paired SD | seeds | effect found with 80% power | seeds for "
          f"|Δ| = {effect:g} | seeds for the observed |Δ| |", "|---|---|---|---|---|---|"]
+  if pilot:
+    n = len(study.seeds)
+    out.append(f"| a priori, every comparison (the study file's pilot SD) | {pilot:.4f} | {n} (planned) | "
+               f"{stats.min_detectable_effect(pilot, n, alpha=ALPHA):.4f} | "
+               f"{stats.seeds_needed(effect, pilot, alpha=ALPHA):,} | — |")
   for c in rows:
     mde = stats.min_detectable_effect(c.d.sd, c.d.n, alpha=ALPHA)
     need = stats.seeds_needed(effect, c.d.sd, alpha=ALPHA)

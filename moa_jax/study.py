@@ -84,6 +84,8 @@ class Study:
   primary: tuple[str, ...] = ()           # (arm, other): the comparison the study exists to make
   comparisons: tuple[tuple[str, str], ...] = ()  # (arm, other) pairs; default: every arm vs baseline
   effect: float = 0.01                    # the effect (nats) the power line asks seeds for
+  pilot_sd: float = 0.0                   # > 0: a paired SD (nats) from an earlier study, for an a-priori
+                                          # power line (what the planned seeds can detect) before any data
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # every run (arms' win)
   description: str = ""                   # the report's preamble (default: the file's docstring)
 
@@ -295,14 +297,25 @@ def plan(study: Study, workdir: str) -> list[tuple[report.RunRef, ml_collections
   return out
 
 
+def _common(a: dict, b: dict) -> tuple[dict, dict]:
+  """The fields both nested dicts have (a config field added or removed since a run started is a code
+  change with its default, not a changed study)."""
+  keys = set(a) & set(b)
+  pairs = {k: _common(a[k], b[k]) if isinstance(a[k], dict) and isinstance(b[k], dict) else (a[k], b[k]) for k in keys}
+  return {k: v[0] for k, v in pairs.items()}, {k: v[1] for k, v in pairs.items()}
+
+
 def _check_same_run(ref: report.RunRef, config) -> None:
-  """A run directory reused by a changed study would mix two experiments: refuse, listing the changes."""
+  """A run directory reused by a changed study would mix two experiments: refuse, listing the changes.
+  Not changes: the data cache's location, fields only one side has, and a dense model's unused MoE group."""
   if not os.path.exists(os.path.join(ref.workdir, "config.json")):
     return
-  saved = rundir.load_config(ref.workdir).to_dict()
-  current = json.loads(config.to_json_best_effort())
+  saved, current = _common(rundir.load_config(ref.workdir).to_dict(), json.loads(config.to_json_best_effort()))
   for c in (saved, current):
     c.get("data", {}).pop("cache_dir", None)
+  if not saved.get("model", {}).get("moe", {}).get("num_experts") and not current.get("model", {}).get("moe", {}).get("num_experts"):
+    for c in (saved, current):
+      c.get("model", {}).pop("moe", None)
   diff = checkpoint.config_diff(saved, current, prefix="config")
   if diff:
     raise StudyError(f"{ref.workdir} holds a run of a different config:\n  " + "\n  ".join(diff)

@@ -178,6 +178,12 @@ def test_changed_study_in_the_same_workdir_is_refused(tmp_path):
   with open(os.path.join(ref.workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort())
   study._check_same_run(ref, config)  # the same config: fine
+  saved = json.loads(config.to_json_best_effort())
+  saved["train"]["field_removed_since"] = 1  # code changes, not study changes: a field only one side
+  saved["model"]["moe"]["capacity_factor"] = 9.0  # has, and a dense model's unused MoE group
+  with open(os.path.join(ref.workdir, "config.json"), "w") as f:
+    json.dump(saved, f)
+  study._check_same_run(ref, config)
   with pytest.raises(study.StudyError, match=r"config.train.steps: 5 in the checkpoint, 7 now"):
     study.run_study(dataclasses.replace(s, steps=7), str(tmp_path))
 
@@ -369,7 +375,7 @@ def test_run_shape_sets_steps_warmup_and_evals_from_tokens_per_param():
 def test_tuned_study_widens_the_grid_and_compares_best_against_best(tmp_path, monkeypatch):
   s = study.Study(name="tuned", sizes=("debug",), arms={"a": "swiglu", "b": "bimoa"}, baseline="a",
                   seeds=(0, 1, 2), tune_seeds=(100,), lr_multipliers=(0.5, 1.0, 2.0), widen=2, steps=20,
-                  primary=("b", "a"), overrides={"train.log_every": 10})
+                  primary=("b", "a"), pilot_sd=0.023, overrides={"train.log_every": 10})
   best = {"swiglu": 4.0, "bimoa": 16.0}  # a: inside after one widening; b: beyond the widening limit
 
   def final_loss(config):
@@ -388,6 +394,7 @@ def test_tuned_study_widens_the_grid_and_compares_best_against_best(tmp_path, mo
   assert "| `a` | 0.5×: " in text and "4× = 0.012 | inside the grid |" in text
   assert "8× = 0.024 | **at the grid's edge** (widening limit reached) |" in text
   assert "`b` − `a` **(primary)** | 3 |" in text and "## Power" in text
+  assert "| a priori, every comparison (the study file's pilot SD) | 0.0230 | 3 (planned) | 0.0751 | 44 | — |" in text
   assert os.path.getsize(tmp_path / "lr_sensitivity.png") > 10_000
 
 
