@@ -2,9 +2,9 @@
 
     python -m moa_jax.eval --workdir=runs/quickstart [--step=N] [--batches=N] [--json]
 
-Evaluates exactly as training does (`train.evaluate`: the first N validation batches, in order), so at
-the final step and with the run's own `train.eval_batches` it reproduces the eval_loss in metrics.jsonl;
-raise --batches for a tighter estimate.
+Evaluates exactly as training does (`train.evaluate`: a fixed shuffled subset of the validation split,
+train.eval_tokens or train.eval_batches large), so at the final step it reproduces the eval_loss in
+metrics.jsonl; raise --batches for a tighter estimate.
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, batches: int | No
     if batches <= 0:
       raise ValueError(f"batches = {batches}; must be positive")
     run.config.train.eval_batches = batches
+    run.config.train.eval_tokens = 0
   with sharding.mesh_context(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    eval_fn = jax.jit(train.make_eval_step(run.model), in_shardings=(run.state_shardings.params, run.batch_sharding))
+    eval_fn = jax.jit(train.make_eval_step(run.model, run.config.train.get("loss_chunk", 0)),
+                      in_shardings=(run.state_shardings.params, run.batch_sharding))
     loss = train.evaluate(run, eval_fn, params)
-  n = run.config.train.eval_batches
+  n = train.eval_batch_count(run)
   return {"step": step, "eval_loss": loss, "perplexity": math.exp(loss), "batches": n,
           "tokens": n * run.config.train.batch_size * run.config.train.seq_len, "val_tokens": run.data.val_tokens}
 

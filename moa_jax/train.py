@@ -125,12 +125,13 @@ def jit_train_step(run: Run):
                  out_shardings=(run.state_shardings, None), donate_argnums=0)
 
 
-def make_eval_step(model: Decoder):
+def make_eval_step(model: Decoder, loss_chunk: int = 0):
   """params, batch -> {loss, loss_sq}: the batch's mean next-token loss and the mean of its squared
-  per-sequence losses (for the standard error over sequences; scalars, so every process can read them)."""
+  per-sequence losses (for the standard error over sequences; scalars, so every process can read them).
+  loss_chunk: as train.loss_chunk, the logits are built that many positions at a time."""
   def eval_step(params, batch):
-    logits = model.apply({"params": params}, batch["inputs"])
-    per_sequence = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean(axis=-1)  # (B,)
+    hidden, unembed = model.apply({"params": params}, batch["inputs"], return_hidden=True)
+    per_sequence = loss.chunked_token_losses(hidden, unembed, batch["targets"], loss_chunk).mean(axis=-1)  # (B,)
     return {"loss": per_sequence.mean(), "loss_sq": jnp.square(per_sequence).mean()}
   return eval_step
 
@@ -310,7 +311,8 @@ def _train(config, workdir: str, run: Run, main_process: bool) -> dict:
   guard = runtime.PreemptionGuard()
   with sharding.mesh_context(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     step_fn = jit_train_step(run)
-    eval_fn = jax.jit(make_eval_step(run.model), in_shardings=(run.state_shardings.params, run.batch_sharding))
+    eval_fn = jax.jit(make_eval_step(run.model, c.get("loss_chunk", 0)),
+                      in_shardings=(run.state_shardings.params, run.batch_sharding))
     writer = MetricsWriter(workdir, c.steps, start, main_process, config)
     peak = peak_flops(jax.devices()[0])
     tokens_per_step = c.batch_size * c.seq_len

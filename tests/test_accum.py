@@ -1,6 +1,11 @@
 """Gradient accumulation (train.microbatches) and the chunked cross-entropy (train.loss_chunk, moa_jax.loss)
 against their plain references, at fp32 debug size."""
 
+import dataclasses
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -98,7 +103,8 @@ def _stepper(config, microbatches=1, loss_chunk=0):
   return run_step
 
 
-@pytest.mark.parametrize("ffn,microbatches,loss_chunk,tie", [("bimoa", 4, 8, True), ("la", 2, 0, False)])
+@pytest.mark.parametrize("ffn,microbatches,loss_chunk,tie", [
+    ("bimoa", 4, 8, True), pytest.param("la", 2, 0, False, marks=pytest.mark.slow)])
 def test_microbatched_step_equals_unsplit_step(ffn, microbatches, loss_chunk, tie):
   config = _config("debug", ffn, tie_embeddings=tie)
   batch = _batch(config)
@@ -116,6 +122,7 @@ def _sown(metrics, name: str) -> list:
           if name in jax.tree_util.keystr(path)]
 
 
+@pytest.mark.slow
 def test_microbatched_moe_step():
   """Token-wise quantities (lm_loss, z_loss, expert loads, gate means) equal the unsplit step's; the
   balance loss, made of per-batch statistics, is each microbatch's, so the step equals the mean of
@@ -138,6 +145,7 @@ def test_microbatched_moe_step():
     assert _rel(got[k], ref[k]) <= TOL, k
 
 
+@pytest.mark.slow
 def test_microbatches_cut_activation_memory():
   config = _config("debug", "bimoa", batch=16, seq_len=256)
   temps = {}
@@ -145,6 +153,37 @@ def test_microbatches_cut_activation_memory():
     config.train.microbatches = m
     temps[m] = train.compile_only(config)["temp"]
   assert temps[4] < 0.5 * temps[1], temps
+
+
+def _mesh_worker() -> None:
+  """On 8 fake devices, mesh data=2 × fsdp=2 × tensor=2: the sharded, jitted step of training
+  (train.jit_train_step) with 2 microbatches and loss chunks against 1 microbatch; prints the differences."""
+  assert jax.device_count() == 8
+  config = _config("debug", "bimoa", batch=16)
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+  batch = _batch(config)
+  out = {}
+  for m, chunk in [(1, 0), (2, 16)]:
+    config.train.microbatches, config.train.loss_chunk = m, chunk
+    run = train.build(config, with_data=False)
+    tx, shard = _capture_grads(), run.state_shardings
+    run = dataclasses.replace(run, tx=tx, state_shardings=train.TrainState(shard.step, shard.params, shard.params))
+    with sharding.mesh_context(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+      params = meta.unbox(run.model.init(jax.random.key(0), batch["inputs"][:1])["params"])
+      state = jax.device_put(train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), run.state_shardings)
+      state, metrics = train.jit_train_step(run)(state, jax.device_put(batch, run.batch_sharding))
+    out[m] = jax.device_get((metrics["loss"], state.opt_state))
+  print("RESULT", _rel(out[2][0], out[1][0]), _rel(out[2][1], out[1][1]))
+
+
+@pytest.mark.slow
+def test_microbatches_on_a_sharded_mesh_equal_one_batch():
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+  assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
+  loss_diff, grad_diff = map(float, lines[-1].split()[1:])
+  assert loss_diff <= TOL and grad_diff <= TOL, lines[-1]
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -158,3 +197,7 @@ def test_bad_microbatches_and_loss_chunk_stop_before_compiling(field, value, mes
   config.train[field] = value
   with pytest.raises(train.TrainingError, match=message):
     train.compile_only(config)
+
+
+if __name__ == "__main__":
+  _mesh_worker()
