@@ -2,10 +2,12 @@
 expert's FFN module, router losses by hand, configs, presets, summary and a short training run.
 Expert parallelism on 8 fake devices: tests/test_moe_parallel.py."""
 
+import functools
 import json
 import math
 import os
 import re
+import sys
 import types
 
 import flax.linen as nn
@@ -175,6 +177,8 @@ def assert_shape(a, b):
     ("top_k", 0, r"model.moe.top_k = 0; must be ≥ 1"),
     ("router", "relu", r"model.moe.router = 'relu'; allowed: softmax, sigmoid"),
     ("path", "dense", r"model.moe.path = 'dense'; allowed: dropless, capacity"),
+    ("gmm", "cuda", r"model.moe.gmm = 'cuda'; allowed: auto, tokamax, megablox, ragged_dot"),
+    ("buffer_factor", 0.0, r"model.moe.buffer_factor = 0.0; must be positive"),
     ("every", 3, r"model.n_layers = 2 is not a multiple of model.moe.every = 3"),
     ("d_ff_expert", 100, r"model.ffn.groups = 3 must divide the expert width model.moe.d_ff_expert = 100"),
     ("colour", "red", r"model.moe has unknown fields \['colour'\]; known: num_experts, top_k"),
@@ -282,3 +286,66 @@ def test_experts_with_the_fused_mixing_kernel_match_xla(path):
   (v_fast, g_fast), (v_slow, g_slow) = loss(fast), loss(slow)
   np.testing.assert_allclose(v_fast, v_slow, rtol=1e-5)
   assert_tree_close(g_fast, g_slow)
+
+
+def test_top1_router_learns_from_the_lm_loss():
+  """Top-1 keeps the raw router score (Switch): renormalising one weight would make it 1 and cut the
+  router off from the loss."""
+  x = tokens()
+  layer = make("swiglu", experts=4, top_k=1)
+  params = init(layer, x)
+  probe = jax.random.normal(jax.random.key(9), x.shape)
+  grads = jax.grad(lambda p: jnp.sum(apply(layer, p, x)[0] * probe))(params)
+  router, w1 = (float(jnp.linalg.norm(grads["router"])), float(jnp.linalg.norm(grads["experts"]["w1"])))
+  assert router > 0.05 * w1, (router, w1)
+
+
+def test_megablox_kernel_equals_ragged_dot(monkeypatch):
+  """jax's TPU grouped-matmul kernel (interpreted on CPU) through grouped.gmm: output and gradients; rows
+  past Σ sizes, which the kernel leaves unwritten, come out zero forward and backward."""
+  from moa_jax.moe import grouped
+  monkeypatch.setitem(grouped.GMM_FNS, "megablox", functools.partial(grouped._megablox, interpret=True))
+  kx, kw, kd = jax.random.split(jax.random.key(0), 3)
+  x, w = jax.random.normal(kx, (40, 16)), jax.random.normal(kw, (3, 16, 24))
+  sizes = jnp.asarray([9, 0, 25], jnp.int32)                          # 34 of 40 rows are valid
+  dy = jax.random.normal(kd, (40, 24))
+  (y_fast, back_fast), (y_ref, back_ref) = (jax.vjp(lambda x, w: grouped.gmm(x, w, sizes, impl), x, w)
+                                            for impl in ("megablox", "ragged_dot"))
+  np.testing.assert_allclose(y_fast, y_ref, rtol=1e-5, atol=1e-5)
+  assert_tree_close(back_fast(dy), back_ref(dy), rtol=1e-5, atol=1e-4)
+  np.testing.assert_array_equal(y_fast[34:], 0.0)
+  np.testing.assert_array_equal(back_fast(dy)[0][34:], 0.0)
+
+
+def test_tokamax_on_cpu_equals_ragged_dot():
+  pytest.importorskip("tokamax")
+  x = tokens()
+  fast, slow = make("bimoa", gmm="tokamax"), make("bimoa", gmm="ragged_dot")
+  params = init(slow, x)
+  loss = lambda layer: jax.jit(jax.value_and_grad(lambda p: jnp.sum(apply(layer, p, x)[0] ** 2)))(params)
+  (v_fast, g_fast), (v_slow, g_slow) = loss(fast), loss(slow)
+  np.testing.assert_allclose(v_fast, v_slow, rtol=1e-5)
+  assert_tree_close(g_fast, g_slow)
+
+
+def test_accelerator_path_exports_grouped_kernels_without_a_dense_expansion():
+  """The MoE layer's forward + backward exported for TPU with gmm=megablox: the grouped matmuls are Mosaic
+  kernels (3 forward; gmm + tgmm for each in the backward) and no tensor is shaped (E, rows, ·), the dense
+  masked expansion XLA makes of ragged_dot."""
+  e, n, k, d, f = 8, 256, 2, 128, 256
+  x = jax.ShapeDtypeStruct((1, n, d), jnp.bfloat16)
+  texts = {}
+  for gmm in ("megablox", "ragged_dot"):
+    layer = MoE(MoESpec(num_experts=e, top_k=k, gmm=gmm), ffn_spec("bimoa", f), jnp.bfloat16)
+    params = meta.unbox(jax.eval_shape(layer.init, jax.random.key(0), x)["params"])
+    step = jax.jit(lambda p, x: jax.vjp(lambda p, x: layer.apply({"params": p}, x, mutable=["intermediates"])[0],
+                                        p, x)[1](x))
+    texts[gmm] = jax.export.export(step, platforms=("tpu",))(params, x).mlir_module()
+  expanded = lambda text: [t for t in re.findall(r"tensor<((?:\d+x){3,}\w+)>", text)
+                           if int(t.split("x")[0]) == e and int(t.split("x")[1]) >= n * k]
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+  from bench_moe import stablehlo_flops
+  assert stablehlo_flops(texts["megablox"])[1] == 9     # kernel launches, through function calls
+  assert expanded(texts["megablox"]) == []
+  # The reference path exports the ragged_dot op that XLA then lowers densely on CPU and GPU.
+  assert "chlo.ragged_dot" in texts["ragged_dot"] and "chlo.ragged_dot" not in texts["megablox"]

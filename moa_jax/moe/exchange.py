@@ -48,7 +48,7 @@ def _exclusive_cumsum(x: Array, axis: int = -1) -> Array:
 
 
 def exchange_ffn(rows: Array, sorted_e: Array, sizes: Array, p: dict, ffn: FFNSpec, *, axis: str, shards: int,
-                 cap: int, transport: str, gmm: str):
+                 cap: int, transport: str, gmm: str, tensor_axis=None):
   """rows (A, D) sorted by global expert sorted_e (A,), sizes (E,) this device's rows per expert; p: this
   device's experts. Returns the experts' outputs for the rows (A, D) (zero where dropped), the per-row
   mixing coefficients and validity of the received rows (for the gate metrics), and the count dropped."""
@@ -81,7 +81,7 @@ def exchange_ffn(rows: Array, sorted_e: Array, sizes: Array, p: dict, ffn: FFNSp
   order = jnp.argsort(ids, stable=True)                                    # by local expert, padding last
   local_sizes = jnp.sum(jax.nn.one_hot(ids, e_loc, dtype=jnp.int32), axis=0)
   inputs = checkpoint_name(recv[order], "moe_dispatched")
-  out, coefs = grouped_ffn(inputs, jnp.minimum(ids[order], e_loc - 1), local_sizes, p, ffn, gmm)
+  out, coefs = grouped_ffn(inputs, jnp.minimum(ids[order], e_loc - 1), local_sizes, p, ffn, gmm, tensor_axis)
   out = jnp.zeros_like(out).at[order].set(out)                             # back to arrival layout
 
   if transport == "ragged":

@@ -5,8 +5,9 @@ by their sizes, rows past Σ sizes left out. XLA's `jax.lax.ragged_dot` is the r
 default on NVIDIA GPUs) it lowers to a dense dot over a masked (E, rows, D) copy of its input: E× the
 FLOPs and an O(E·rows·D) buffer. On accelerators the layer uses a kernel made for it:
 
-    auto        tokamax on GPU and TPU, ragged_dot on CPU
-    tokamax     tokamax.ragged_dot (Mosaic GPU / Triton on GPU, Mosaic on TPU; XLA elsewhere)
+    auto        tokamax on GPU and TPU (megablox on TPU without tokamax), ragged_dot on CPU
+    tokamax     tokamax.ragged_dot (Mosaic GPU / Triton on GPU, Mosaic on TPU; XLA elsewhere);
+                `pip install -e ".[kernels]"`
     megablox    jax's own TPU kernel (jax.experimental.pallas.ops.tpu.megablox.gmm): TPU only, and what
                 the tests export for TPU from a CPU to show the accelerator path has no dense expansion
     ragged_dot  jax.lax.ragged_dot
@@ -14,8 +15,11 @@ FLOPs and an O(E·rows·D) buffer. On accelerators the layer uses a kernel made 
 
 from __future__ import annotations
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
+from absl import flags, logging
 from jax.ad_checkpoint import checkpoint_name
 
 from moa_jax import ffn as ffn_lib
@@ -25,10 +29,24 @@ Array = jax.Array
 
 
 def resolve_gmm(name: str) -> str:
-  """`auto` -> the implementation for the default backend."""
+  """`auto` -> the implementation for the default backend: tokamax where it is installed (the `kernels`
+  extra), else megablox on TPU; ragged_dot on CPU, or (with a warning) on a GPU without tokamax."""
+  has_tokamax = importlib.util.find_spec("tokamax") is not None
+  if name == "tokamax" and not has_tokamax:
+    raise ValueError("model.moe.gmm = 'tokamax' but tokamax is not installed; pip install -e '.[kernels]', "
+                     "or set model.moe.gmm=auto")
   if name != "auto":
     return name
-  return "ragged_dot" if jax.default_backend() == "cpu" else "tokamax"
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return "ragged_dot"
+  if has_tokamax:
+    return "tokamax"
+  if backend == "tpu":
+    return "megablox"
+  logging.warning("model.moe.gmm=auto: tokamax is not installed, so grouped matmuls use jax.lax.ragged_dot, "
+                  "which XLA may run as a dense masked matmul (E× the FLOPs); pip install -e '.[kernels]'")
+  return "ragged_dot"
 
 
 def _megablox(x: Array, w: Array, sizes: Array, interpret: bool = False) -> Array:
@@ -45,6 +63,8 @@ def _megablox(x: Array, w: Array, sizes: Array, interpret: bool = False) -> Arra
 
 def _tokamax(x: Array, w: Array, sizes: Array) -> Array:
   import tokamax
+  if not flags.FLAGS.is_parsed():  # tokamax reads its absl flags, parsing sys.argv (a foreign CLI's) if unparsed
+    flags.FLAGS.mark_as_parsed()
   return tokamax.ragged_dot(x, w, sizes.astype(jnp.int32))
 
 
@@ -56,10 +76,11 @@ GMM_FNS = {"tokamax": _tokamax, "megablox": _megablox, "ragged_dot": _ragged_dot
 
 
 def gmm(x: Array, w: Array, sizes: Array, impl: str) -> Array:
-  """x (M, K) rows grouped by expert, w (G, K, N), sizes (G,) -> (M, N); rows past Σ sizes are zero."""
-  out = GMM_FNS[resolve_gmm(impl)](x, w, sizes)
-  valid = jnp.arange(x.shape[0]) < jnp.sum(sizes)       # some kernels leave rows past Σ sizes unwritten
-  return jnp.where(valid[:, None], out, jnp.zeros((), out.dtype))
+  """x (M, K) rows grouped by expert, w (G, K, N), sizes (G,) -> (M, N); rows past Σ sizes are zero, and
+  so are their input gradients (kernels leave those rows unwritten, forward and backward)."""
+  valid = (jnp.arange(x.shape[0]) < jnp.sum(sizes))[:, None]
+  out = GMM_FNS[resolve_gmm(impl)](jnp.where(valid, x, jnp.zeros((), x.dtype)), w, sizes)
+  return jnp.where(valid, out, jnp.zeros((), out.dtype))
 
 
 def branches(spec: FFNSpec) -> tuple[str, ...]:
@@ -83,20 +104,24 @@ def _row_coefs(rows: Array, ids: Array, p: dict, spec: FFNSpec) -> dict:
   return coefs
 
 
-def grouped_ffn(rows: Array, ids: Array, sizes: Array, p: dict, spec: FFNSpec, impl: str):
+def grouped_ffn(rows: Array, ids: Array, sizes: Array, p: dict, spec: FFNSpec, impl: str, tensor_axis=None):
   """The experts' FFNs on rows sorted by expert: group e is the next sizes[e] rows; rows past Σ sizes
   come out zero. ids (M,): each row's expert (any valid index for padding rows). The hidden
-  activations are named `moe_hidden` for the remat policies. Returns (M, D) and the per-row coefficients."""
+  activations are named `moe_hidden` for the remat policies. With `tensor_axis`, p holds this device's
+  slice of F (w1, w2 columns, w3 rows) and the partial outputs are summed over that mesh axis.
+  Returns (M, D) and the per-row coefficients."""
   dt = rows.dtype
   h = checkpoint_name(gmm(rows, p["w1"].astype(dt), sizes, impl), "moe_hidden")           # (M, F)
   u = checkpoint_name(gmm(rows, p["w2"].astype(dt), sizes, impl), "moe_hidden") if spec.type == "glu" else None
   coefs = _row_coefs(rows, ids, p, spec)
   y = ffn_lib.mix_hidden(spec, h, u, coefs.get("mix"), coefs.get("mix_u"))
-  return gmm(y, p["w3"].astype(dt), sizes, impl), coefs
+  out = gmm(y, p["w3"].astype(dt), sizes, impl)
+  return (out if tensor_axis is None else jax.lax.psum(out, tensor_axis)), coefs
 
 
-def batched_ffn(xe: Array, p: dict, spec: FFNSpec):
-  """The experts' FFNs on capacity buffers xe (E, C, D) -> (E, C, D), and per-slot coefficients."""
+def batched_ffn(xe: Array, p: dict, spec: FFNSpec, tensor_axis=None):
+  """The experts' FFNs on capacity buffers xe (E, C, D) -> (E, C, D), and per-slot coefficients
+  (`tensor_axis`: as grouped_ffn)."""
   dt = xe.dtype
   h = jnp.einsum("ECD,EDF->ECF", xe, p["w1"].astype(dt))
   u = jnp.einsum("ECD,EDF->ECF", xe, p["w2"].astype(dt)) if spec.type == "glu" else None
@@ -109,7 +134,8 @@ def batched_ffn(xe: Array, p: dict, spec: FFNSpec):
     bias = p[b]["gate_bias"][:, None] if "gate_bias" in p[b] else None
     coefs[b] = ffn_lib.gates(spec, logits, bias)                                # (E, C, G, K)
   y = ffn_lib.mix_hidden(spec, h, u, coefs.get("mix"), coefs.get("mix_u"))
-  return jnp.einsum("ECF,EFD->ECD", y, p["w3"].astype(dt)), coefs
+  out = jnp.einsum("ECF,EFD->ECD", y, p["w3"].astype(dt))
+  return (out if tensor_axis is None else jax.lax.psum(out, tensor_axis)), coefs
 
 
 def gate_sums(coefs: dict, valid: Array, moa: bool) -> dict:

@@ -9,7 +9,9 @@ every parameter (`experts/w1` is (E, D, F), `experts/mix/gate_kernel` (E, D, G, 
 Expert parallelism. When a mesh is current (train.py enters one), the layer runs per device inside
 `jax.shard_map`: tokens stay sharded over the batch axes (data, fsdp, expert), experts over `expert`
 (E/P per device), and assignments travel as `exchange.py` describes (ragged all-to-all on GPU/TPU, the
-padded emulation on CPU). Expert weights are gathered over fsdp at the shard_map boundary (FSDP-style);
+padded emulation on CPU). With mesh.tensor > 1 each expert's F is split over `tensor` (w1, w2 by columns,
+w3 by rows; the partial outputs are summed over `tensor` after w3), so tensor ranks share the expert
+FLOPs instead of repeating them. Expert weights are gathered over fsdp at the shard_map boundary (FSDP-style);
 router and shared experts are ordinary partitioned layers. Router statistics are summed over the batch
 axes, so every mesh computes the same losses; the capacity path limits each device's N tokens, as
 GShard's groups do.
@@ -34,6 +36,7 @@ from moa_jax.sharding import BATCH_AXES
 Array = jax.Array
 
 EXPERT_AXIS = "expert"
+TENSOR_AXIS = "tensor"
 
 
 # ---- Parameters ---------------------------------------------------------------------------------
@@ -102,14 +105,19 @@ def moe_apply(x: Array, router: Array, experts: dict, spec: MoESpec, ffn: FFNSpe
     return y.reshape(b, t, d), stats
   n_tokens = b * t
   axis = EXPERT_AXIS if shards > 1 else None
+  tp = sizes.get(TENSOR_AXIS, 1)
+  # Tensor-parallel experts: F split over `tensor` (MoA/LA coefficients are per group, so one group).
+  tensor_axis = TENSOR_AXIS if tp > 1 and ffn.d_ff % tp == 0 and (ffn.mix == "fixed" or ffn.groups == 1) else None
 
   def local(x, router, experts):
     lb = x.shape[0]
     y, stats = moe_tokens(x.reshape(lb * t, d), router, experts, spec, ffn, token_axes=axes,
-                          n_tokens=n_tokens, axis=axis, shards=shards, transport=transport())
+                          n_tokens=n_tokens, axis=axis, shards=shards, transport=transport(),
+                          tensor_axis=tensor_axis)
     return y.reshape(lb, t, d), stats
 
-  expert_specs = jax.tree.map(lambda _: P(axis), experts)
+  f_split = {"w1": P(axis, None, tensor_axis), "w2": P(axis, None, tensor_axis), "w3": P(axis, tensor_axis, None)}
+  expert_specs = {k: f_split.get(k, jax.tree.map(lambda _: P(axis), v)) for k, v in experts.items()}
   fn = jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(), expert_specs), out_specs=(P(axes), P()))
   return fn(x, router, experts)
 

@@ -30,7 +30,7 @@ def _inverse(order: Array) -> Array:
   return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
 
 
-def dropless(x, weights, experts, p, spec: MoESpec, ffn: FFNSpec, axis, shards, transport):
+def dropless(x, weights, experts, p, spec: MoESpec, ffn: FFNSpec, axis, shards, transport, tensor_axis):
   """x (N, D), weights / experts (N, k) -> y (N, D) fp32, gate sums, dropped (None) and EP overflow."""
   n, k = experts.shape
   flat = experts.reshape(-1)                          # (A,) assignment a = token·k + slot
@@ -40,19 +40,19 @@ def dropless(x, weights, experts, p, spec: MoESpec, ffn: FFNSpec, axis, shards, 
   rows = x[order // k]                                # (A, D), grouped by expert
   if shards == 1:
     rows = checkpoint_name(rows, "moe_dispatched")
-    out, coefs = grouped_ffn(rows, sorted_e, sizes, p, ffn, spec.gmm)
+    out, coefs = grouped_ffn(rows, sorted_e, sizes, p, ffn, spec.gmm, tensor_axis)
     out = checkpoint_name(out, "moe_expert_out")
     valid, overflow = jnp.ones((n * k,), bool), None
   else:
     cap = per_pair_capacity(n * k, shards, k, spec.num_experts // shards, spec.buffer_factor)
     out, coefs, valid, overflow = exchange_ffn(rows, sorted_e, sizes, p, ffn, axis=axis, shards=shards, cap=cap,
-                                               transport=transport, gmm=spec.gmm)
+                                               transport=transport, gmm=spec.gmm, tensor_axis=tensor_axis)
   out = out[_inverse(order)]                          # back to assignment order
   y = jnp.einsum("NK,NKD->ND", weights, out.reshape(n, k, -1).astype(jnp.float32))
   return y, gate_sums(coefs, valid, ffn.mix == "moa"), None, overflow
 
 
-def capacity(x, weights, experts, p, spec: MoESpec, ffn: FFNSpec, axis, shards, transport):
+def capacity(x, weights, experts, p, spec: MoESpec, ffn: FFNSpec, axis, shards, transport, tensor_axis):
   del transport
   n, k = experts.shape
   e = spec.num_experts
@@ -72,7 +72,7 @@ def capacity(x, weights, experts, p, spec: MoESpec, ffn: FFNSpec, axis, shards, 
     there = lambda t: jnp.moveaxis(jax.lax.all_to_all(t.reshape(shards, e_loc, *t.shape[1:]), axis, 0, 0,
                                                       tiled=True), 0, 1)
     xe, filled = there(xe).reshape(e_loc, shards * cap, -1), there(filled).reshape(e_loc, shards * cap)
-  ye, coefs = batched_ffn(xe, p, ffn)
+  ye, coefs = batched_ffn(xe, p, ffn, tensor_axis)
   if shards > 1:
     ye = jax.lax.all_to_all(jnp.moveaxis(ye.reshape(e_loc, shards, cap, -1), 1, 0), axis, 0, 0, tiled=True)
   out = ye.reshape(e * cap, -1).at[slot].get(mode="fill", fill_value=0)      # (k·N, D)
@@ -85,15 +85,17 @@ PATH_FNS = {"dropless": dropless, "capacity": capacity}
 
 def moe_tokens(x: Array, router: Array, experts: dict, spec: MoESpec, ffn: FFNSpec, *,
                token_axes: tuple[str, ...] = (), n_tokens: int | None = None, axis: str | None = None,
-               shards: int = 1, transport: str = "padded"):
+               shards: int = 1, transport: str = "padded", tensor_axis: str | None = None):
   """One device's tokens x (N, D) -> (N, D) and the router statistics, summed over `token_axes` (the
   mesh axes the tokens are split over; n_tokens is the global count). `experts` holds this device's
-  E/shards experts; assignments travel over mesh axis `axis` when shards > 1."""
+  E/shards experts; assignments travel over mesh axis `axis` when shards > 1. With `tensor_axis` the
+  experts' F is split over that mesh axis (the tokens are not)."""
   n = x.shape[0]
   n_tokens = n_tokens or n
   total = (lambda v: jax.lax.psum(v, token_axes)) if token_axes else (lambda v: v)
   weights, chosen, logits, scores = route(x, router, spec)
-  y, sums, dropped, overflow = PATH_FNS[spec.path](x, weights, chosen, experts, spec, ffn, axis, shards, transport)
+  y, sums, dropped, overflow = PATH_FNS[spec.path](x, weights, chosen, experts, spec, ffn, axis, shards, transport,
+                                                   tensor_axis)
   counts = total(jnp.sum(jax.nn.one_hot(chosen.reshape(-1), spec.num_experts, dtype=jnp.int32), axis=0))
   stats = router_losses(counts, total(jnp.sum(scores, axis=0)),
                         total(jnp.sum(jnp.square(jax.nn.logsumexp(logits, axis=-1)))), n_tokens, spec.top_k)

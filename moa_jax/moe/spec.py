@@ -25,7 +25,7 @@ class MoESpec:
   capacity_factor: float = 1.25  # capacity path: slots per expert = ⌈factor · tokens · top_k / E⌉
   gmm: str = "auto"              # grouped matmul: auto (tokamax on GPU/TPU, ragged_dot on CPU) | tokamax |
                                  # megablox (jax's TPU kernel) | ragged_dot (XLA; dense masked on CPU and GPU)
-  buffer_factor: float = 2.0     # expert parallelism: rows a device may receive from each other device, as a
+  buffer_factor: float = 1.25    # expert parallelism: rows a device may receive from each other device, as a
                                  # multiple of the balanced count; assignments past it are dropped and counted
 
   def __post_init__(self):
