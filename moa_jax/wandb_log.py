@@ -4,7 +4,9 @@ On when `logging.wandb_project` is set; then `wandb` must be importable (`pip in
 the run stops with one line before anything compiles. Only process 0 logs (MetricsWriter is enabled
 there only). The run id is kept in `WORKDIR/wandb_run_id`, so resuming a run resumes the same W&B run.
 Records go to W&B as TensorBoard gets them: scalars by name, per-layer lists as `name/layer<i>`, gates as
-`gates/<branch>/layer<i>/<activation>`, all at the record's step.
+`gates/<branch>/layer<i>/<activation>`, all at the record's step. W&B steps only move forward: when a
+resumed run logs again the steps between its checkpoint and the point where it was killed, W&B keeps the
+first values (with a warning) while metrics.jsonl keeps the newest.
 """
 
 from __future__ import annotations
