@@ -5,8 +5,8 @@ Run (CPU; see the plan below for the time):
   python -m moa_jax.study experiments/debug_protocol.py --workdir=runs/debug_protocol \
       --out=experiments/results/debug_protocol
 The plan: the debug model (0.13M parameters, 512-token BPE on 8 MB of the stdlib) trained for
-20 tokens per parameter = 1,282 steps × 16 × 128 tokens (2.6M tokens, under one epoch), cosine with
-5% warmup, 10 evals on the whole 75k-token validation split, final loss = mean of the last 2.
+20 tokens per parameter = 1,284 steps × 16 × 128 tokens (2.6M tokens, under one epoch), cosine with
+5% warmup, 10 evals on the whole validation split (74k tokens), final loss = mean of the last 2.
 LR tuning: tune seed 100, grid 0.5×, 1×, 2× of 3e-3, widened while the best is at an edge (at most
 2 more points): 9-15 tuning runs. Then seeds 0, 1, 2 at each arm's best: 9 runs. 18-24 runs in all,
 47M training tokens (63M at most): --plan --tokens_per_sec=16000 (the unloaded 2-core mean of

@@ -193,7 +193,11 @@ def write_report(study, runs: list[RunRef], out_dir: str, command: str = "",
   if command:
     lines += ["Produced by:", "", "```bash", command, "```", ""]
   done = sum(r.status == "finished" for r in v.results)
-  lines += [f"Evaluation runs: {done} of {len(v.results)} finished; seeds {', '.join(map(str, study.seeds))} "
+  planned = len(study.seeds) * len(study.arms) * len(study.sizes) if tune_seeds else len(v.results)
+  if tune_seeds and len(v.results) < planned:
+    lines += [f"**Incomplete:** {planned - len(v.results)} of the {planned} evaluation runs have not started: "
+              "an arm's evaluation seeds start once its lr search has finished (see the lr table).", ""]
+  lines += [f"Evaluation runs: {done} of {planned} finished; seeds {', '.join(map(str, study.seeds))} "
             f"(seed s: the same init seed and data order in every arm). Baseline arm: `{study.baseline}`."
             + (f" Learning rates tuned per arm on seeds {', '.join(map(str, sorted(tune_seeds)))} "
                f"({sum(r.status == 'finished' for r in tuning_runs)} of {len(tuning_runs)} tuning runs finished)."
