@@ -176,7 +176,8 @@ def lm_config(size: str = "debug", ffn: str = "swiglu") -> ml_collections.Config
       resume_step=0,                             # resume from this checkpoint, not the newest (0: newest);
                                                  # later ones move to checkpoints_superseded/
       microbatches=1,                            # gradient accumulation: the batch runs as N scanned microbatches
-                                                 # (batch_size % (N × data·fsdp·expert) == 0; MoE balance loss per microbatch)
+                                                 # (batch_size % (N × data·fsdp·expert) == 0); MoE balance
+                                                 # loss per microbatch
       loss_chunk=0 if tiny else 512,             # positions per cross-entropy chunk, so the (B, T, V) fp32 logits
                                                  # never exist at once (0: whole sequence; must divide seq_len)
       profile_steps=(0, 0),                      # (start, count): jax.profiler trace of these steps into
