@@ -444,10 +444,12 @@ def _scaling(study, v: _Variants, bootstrap: int = 1000):
   if not per_arm:
     return [], {}, {}
   rng = np.random.default_rng(0)
-  mean = lambda d, seeds: float(np.mean([d[s] for s in seeds if s in d]))
+  mean = lambda d, seeds: (lambda v: float(np.mean(v)) if v else math.nan)([d[s] for s in seeds if s in d])
   seeds = list(study.seeds)
 
   def fit_all(sample):
+    if any(math.isnan(mean(d, sample)) for p in per_arm.values() for _, d in p):
+      return None  # a resample holding none of a variant's finished seeds
     free = {k: stats.power_law_fit([c for c, _ in p], [mean(d, sample) for _, d in p]) for k, p in per_arm.items()}
     shared = stats.shared_exponent_fit({k: ([c for c, _ in p], [mean(d, sample) for _, d in p])
                                         for k, p in per_arm.items()}) if len(per_arm) > 1 else None
@@ -455,6 +457,7 @@ def _scaling(study, v: _Variants, bootstrap: int = 1000):
 
   free, shared = fit_all(seeds)
   draws = [fit_all(list(rng.choice(seeds, len(seeds)))) for _ in range(bootstrap if len(seeds) > 1 else 0)]
+  draws = [d for d in draws if d is not None]
   ci = lambda xs: stats.percentile_interval(xs)
   fmt_ci = lambda xs, f: (lambda lo, hi: f" [{lo:{f}}, {hi:{f}}]" if math.isfinite(lo) else "")(*ci(xs))
   lines = ["## Scaling fit", "", "Final eval loss L against training compute C (FLOPs = FLOPs/token × tokens), "
