@@ -64,12 +64,16 @@ def _colours(n: int):
   return [f"C{i % 10}" for i in range(n)]
 
 
-def _log_x(ax, xs: np.ndarray) -> None:
-  """A log x axis, widened around a single x value (matplotlib cannot scale a log axis on one point)."""
-  ax.set_xscale("log")
+def _log_x(ax, xs: np.ndarray) -> str:
+  """A log x axis when the values span a decade or more (else linear: a narrow log axis labels its
+  minor ticks into a smear), widened around a single value. Returns the axis label's suffix."""
   xs = xs[xs > 0]
-  if len(xs) and xs.min() == xs.max():
-    ax.set_xlim(xs.min() / 2, xs.max() * 2)
+  if len(xs) and xs.max() < 10 * xs.min():
+    if xs.min() == xs.max():
+      ax.set_xlim(xs.min() * 0.9, xs.max() * 1.1)
+    return ""
+  ax.set_xscale("log")
+  return " (log scale)"
 
 
 BAND_NOTE = "line: mean over seeds; band: 95% t-interval of the mean"
@@ -103,8 +107,8 @@ def loss_curves(series: dict[str, list[SeedCurve]], *, metric: str = "loss", smo
       zoom_lo.append(lo[late].min())
       zoom_hi.append(hi[late].max())
   y_label = axis_label(metric, smooth)
-  _log_x(full, xs)
-  full.set(xlabel=f"{x_label} (log scale)", ylabel=y_label, title="whole run")
+  scale = _log_x(full, xs)
+  full.set(xlabel=f"{x_label}{scale}", ylabel=y_label, title="whole run")
   zoom.set(xlabel=x_label, ylabel=y_label, title="last half (linear, zoomed)")
   if len(xs) and xs.min() < xs.max():
     zoom.set_xlim(x_max / 2, x_max * 1.01)
@@ -183,8 +187,7 @@ def loss_vs_compute(series: dict[str, list[tuple[list[dict], float]]], *, metric
         all_x[ax].append(x)
   for ax, name in ((flops_ax, "training FLOPs (mixing included)"), (time_ax, "training wall-clock (s)")):
     xs = np.concatenate(all_x[ax]) if all_x[ax] else np.zeros(0)
-    _log_x(ax, xs)
-    ax.set(xlabel=f"{name}, log scale", ylabel=axis_label(metric))
+    ax.set(xlabel=f"{name}{_log_x(ax, xs)}", ylabel=axis_label(metric))
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=8)
@@ -218,8 +221,8 @@ def lr_sensitivity(points: dict[str, list[tuple[float, float, float, int]]], *, 
       ax.scatter(failed, [top] * len(failed), marker="x", s=60, color=colour)
   if any(n for pts in points.values() for *_, n in pts):
     ax.text(0.01, 0.99, "×: a seed diverged at this lr", transform=ax.transAxes, va="top", fontsize=8)
-  _log_x(ax, np.array([lr for pts in points.values() for lr, *_ in pts], float))
-  ax.set(xlabel="peak learning rate (log scale)", ylabel="final eval loss (nats/token)",
+  scale = _log_x(ax, np.array([lr for pts in points.values() for lr, *_ in pts], float))
+  ax.set(xlabel=f"peak learning rate{scale}", ylabel="final eval loss (nats/token)",
          title=title or "learning-rate sensitivity (mean ± 95% CI over seeds)")
   ax.grid(True, which="both", alpha=0.3)
   if ax.get_legend_handles_labels()[0]:
