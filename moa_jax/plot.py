@@ -221,8 +221,11 @@ def lr_sensitivity(points: dict[str, list[tuple[float, float, float, int]]], *, 
       ax.scatter(failed, [top] * len(failed), marker="x", s=60, color=colour)
   if any(n for pts in points.values() for *_, n in pts):
     ax.text(0.01, 0.99, "×: a seed diverged at this lr", transform=ax.transAxes, va="top", fontsize=8)
-  scale = _log_x(ax, np.array([lr for pts in points.values() for lr, *_ in pts], float))
-  ax.set(xlabel=f"peak learning rate{scale}", ylabel="final eval loss (nats/token)",
+  lrs = np.array([lr for pts in points.values() for lr, *_ in pts], float)
+  ax.set_xscale("log")  # lr grids are geometric
+  if len(lrs) and lrs.min() == lrs.max():
+    ax.set_xlim(lrs.min() / 2, lrs.max() * 2)
+  ax.set(xlabel="peak learning rate (log scale)", ylabel="final eval loss (nats/token)",
          title=title or "learning-rate sensitivity (mean ± 95% CI over seeds)")
   ax.grid(True, which="both", alpha=0.3)
   if ax.get_legend_handles_labels()[0]:
