@@ -107,7 +107,10 @@ def resume(run, ckpt: checkpoint.Checkpoints, data_iter, init_state: Callable) -
   wanted = config.train.get("resume_step", 0)
   steps = ckpt.all_steps()
   candidates, supersede = steps, []
-  if wanted and steps and wanted != steps[0]:
+  if wanted and not steps:
+    raise StartupError(f"train.resume_step = {wanted}, but {ckpt.directory} holds no checkpoint; "
+                       "drop --config.train.resume_step to start afresh")
+  if wanted and wanted != steps[0]:
     newest_meta = _meta_or_none(ckpt, steps[0])
     if not (newest_meta and newest_meta.get("resume_step") == wanted):  # not already rolled back to it
       if wanted not in steps:
@@ -145,6 +148,9 @@ def resume(run, ckpt: checkpoint.Checkpoints, data_iter, init_state: Callable) -
     data_iter.set_state(data_state)
     notes = _notes(diff, meta, config, step)
     return Resumed(state, step, meta, notes, supersede)
+  if supersede:  # the asked-for checkpoint was unreadable: do not start afresh under newer ones
+    raise StartupError(f"train.resume_step = {wanted}: that checkpoint is unreadable (moved to "
+                       f"checkpoints_unreadable/); choose another of {sorted(supersede)}")
   return Resumed(init_state(run), 0, None, [], [])
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -68,6 +69,19 @@ def _batch_constraint(x: jax.Array, lead: int = 0) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, P(*(None,) * lead, sharding.BATCH_AXES))
 
 
+def _whole_batch_intermediates(stacked):
+  """Intermediates stacked over equal microbatches (M, ...) -> the whole batch's: means average, and the
+  MoA gates' std over tokens (`mix_std`) adds the spread of the microbatch means (`mix_mean`): the law of
+  total variance, exact for one channel group."""
+  if not isinstance(stacked, Mapping):
+    return jax.tree.map(lambda x: jnp.mean(x, axis=0), stacked)
+  out = {k: _whole_batch_intermediates(v) for k, v in stacked.items()}
+  if "mix_std" in stacked and "mix_mean" in stacked:
+    out["mix_std"] = jax.tree.map(lambda sd, m: jnp.sqrt(jnp.mean(sd * sd, axis=0) + jnp.var(m, axis=0)),
+                                  stacked["mix_std"], stacked["mix_mean"])
+  return out
+
+
 def make_train_step(model: Decoder, tx: optax.GradientTransformation, lr_schedule, aux_weights: dict,
                     microbatches: int = 1, loss_chunk: int = 0, param_shardings=None):
   """(state, batch) -> (state, metrics). With microbatches = M > 1 the batch (B, T) runs as M microbatches
@@ -99,9 +113,10 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation, lr_schedul
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     if param_shardings is not None:
       zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
-    grad_sum, outs = jax.lax.scan(body, zeros, split)
+    grad_sum, (total, (losses, inter)) = jax.lax.scan(body, zeros, split)
     grads = jax.tree.map(lambda g, p: (g / microbatches).astype(p.dtype), grad_sum, params)
-    return jax.tree.map(lambda x: jnp.mean(x, axis=0), outs), grads
+    mean = lambda tree: jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+    return (mean(total), (mean(losses), _whole_batch_intermediates(inter))), grads
 
   def train_step(state: TrainState, batch):
     (total, (losses, inter)), grads = accumulated_grads(state.params, batch)

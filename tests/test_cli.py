@@ -79,7 +79,7 @@ def test_eval_cli_reproduces_the_training_eval_loss(debug_run, jax_cache):
   more = evaluate.evaluate_checkpoint(debug_run, step=6, batches=3)
   at_6 = next(r for r in rundir.records(debug_run) if r["step"] == 6)
   assert more["step"] == 6 and more["batches"] == 3 and abs(more["eval_loss"] - at_6["eval_loss"]) < 0.1
-  with pytest.raises(SystemExit, match="config.json does not exist"):
+  with pytest.raises(SystemExit, match="checkpoints does not exist; is .* a run directory"):
     evaluate.main(["--workdir=" + os.path.dirname(debug_run) + "/missing"])
 
 

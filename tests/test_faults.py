@@ -410,3 +410,10 @@ def test_ctrl_c_saves_and_exits_cleanly(config, tmp_path):
   assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
   assert "Ctrl-C: saved step" in out
   assert saved_steps(workdir) == [rundir.records(workdir)[-1]["step"]]
+
+
+def test_train_imports_neither_sample_nor_rundir():
+  code = ("import sys, moa_jax.train; "
+          "print([m for m in ('moa_jax.sample', 'moa_jax.rundir', 'moa_jax.eval') if m in sys.modules])")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
