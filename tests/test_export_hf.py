@@ -50,9 +50,10 @@ def cli(*args):
 
 
 @pytest.fixture(scope="module")
-def hf():
+def hf(tmp_path_factory):
   """torch + transformers, offline, with remote-code modules cached under a temporary directory."""
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  os.environ.setdefault("HF_MODULES_CACHE", str(tmp_path_factory.mktemp("hf_modules")))  # read at import
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   return torch, transformers
