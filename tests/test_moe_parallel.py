@@ -2,7 +2,8 @@
 losses and every gradient agree on (expert=8), (data=2, expert=4) and (fsdp=4, tensor=2); a receive buffer
 too small for the routing drops exactly the assignments it should and reports them; the compiled train
 step exchanges 4 activation all-to-alls per MoE layer (2 forward, 2 backward) under the default remat
-policy. One subprocess (the device count is fixed at jax import)."""
+policy; the GPU/TPU exchange (ragged all-to-all, megablox kernels) exports for TPU. One subprocess (the
+device count is fixed at jax import)."""
 
 import os
 import subprocess
@@ -93,6 +94,33 @@ def _overflow(out_dir):
            overflow=np.asarray(inter["intermediates"]["moe_stats"][0]["ep_overflow"]), keep=keep)
 
 
+def _ragged_export():
+  """The accelerator path under expert=8, exported for TPU from this CPU host: ragged all-to-alls (2 forward,
+  their 2 transposes backward), megablox kernels, no padded all-to-all of activations."""
+  import re
+  import jax
+  import jax.numpy as jnp
+  from flax.core import meta
+  from moa_jax import sharding
+  from moa_jax.activations import PAPER_DICTIONARY
+  from moa_jax.ffn import FFNSpec
+  from moa_jax.moe import MoE, MoESpec, layer as moe_layer
+  moe_layer.transport = lambda: "ragged"            # what a GPU/TPU backend picks
+  ffn = FFNSpec(type="glu", mix="moa", activations=PAPER_DICTIONARY, primary="silu", sides="bi", d_ff=256)
+  layer = MoE(MoESpec(num_experts=8, top_k=2, gmm="megablox"), ffn, jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((8, 128, 128), jnp.bfloat16)
+  params = meta.unbox(jax.eval_shape(layer.init, jax.random.key(0), x)["params"])
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "expert": 8})
+  with sharding.mesh_context(mesh):
+    step = jax.jit(lambda p, x: jax.vjp(lambda p, x: layer.apply({"params": p}, x, mutable=["intermediates"])[0],
+                                        p, x)[1](x))
+    text = jax.export.export(step, platforms=("tpu",), disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("ragged_all_to_all")])(params, x).mlir_module()
+  activations = [t for l in text.splitlines() if "stablehlo.all_to_all" in l for t in re.findall(r"tensor<([^>]*)>", l)
+                 if "bf16" in t or "f32" in t]
+  return len(re.findall(r"custom_call @ragged_all_to_all\(", text)), len(activations), text.count("tpu_custom_call")
+
+
 def _all_to_alls(c):
   """Activation all-to-alls in the compiled train step (2 MoE layers, scanned: one body each way)."""
   import jax
@@ -149,8 +177,9 @@ def _worker(out_dir: str, group: str) -> None:
     message = "built"
   except ValueError as e:
     message = str(e)
+  ragged = " ".join(map(str, _ragged_export()))
   with open(os.path.join(out_dir, "misc.txt"), "w") as f:
-    f.write(f"{counts['save_dots_no_batch']} {counts['full']}\n{message}")
+    f.write(f"{counts['save_dots_no_batch']} {counts['full']}\n{message}\n{ragged}")
 
 
 def _run(tmp_path_factory, group: str):
@@ -208,6 +237,11 @@ def test_default_remat_repeats_no_all_to_all(fast):
 
 def test_one_sequence_falls_back_to_the_partitioned_program(fast):
   np.testing.assert_allclose(fast["one_sequence"]["mesh"], fast["one_sequence"]["none"], rtol=1e-4, atol=1e-4)
+
+
+def test_accelerator_exchange_is_ragged_and_exports_for_tpu(fast):
+  ragged, padded, kernels = map(int, fast["misc"].splitlines()[2].split())
+  assert ragged == 4 and padded == 0 and kernels > 0, (ragged, padded, kernels)
 
 
 def test_experts_not_divisible_by_the_expert_axis(fast):
