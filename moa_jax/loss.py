@@ -36,7 +36,7 @@ def check_chunk(chunk: int, seq_len: int) -> None:
   """train.loss_chunk against train.seq_len: 0 (whole sequence) or a divisor of it."""
   if chunk < 0 or (chunk and seq_len % chunk):
     raise ValueError(f"train.loss_chunk = {chunk} does not divide train.seq_len = {seq_len}; use 0 (no chunks) "
-                     f"or a divisor of {seq_len}, e.g. {_divisor_near(seq_len, 512)}")
+                     f"or a divisor of {seq_len}, e.g. {_divisor_near(seq_len, min(512, seq_len // 2))}")
 
 
 def _divisor_near(n: int, target: int) -> int:
