@@ -35,6 +35,17 @@ def _config(data_cache):
   return c
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Most cases compile the same debug train step: compile it once for the module."""
+  saved = {k: getattr(jax.config, k) for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  yield
+  for k, v in saved.items():
+    jax.config.update(k, v)
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, data_cache):
   workdir = str(tmp_path_factory.mktemp("base") / "run")
@@ -228,6 +239,7 @@ def test_exploded_parameters_are_not_saved_and_the_advice_works(config, run):
   assert all(np.isfinite(r["loss"]) for r in rundir.records(run))
 
 
+@pytest.mark.slow
 def test_resume_step_rolls_back_once_and_keeps_the_later_checkpoints(config, run):
   config.train.resume_step = 4
   config.train.steps = 8
