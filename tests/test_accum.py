@@ -120,7 +120,7 @@ def test_microbatched_step_equals_unsplit_step(ffn, microbatches, loss_chunk, ti
   ref, ref_grads = _stepper(config)(batch)
   got, got_grads = _stepper(config, microbatches, loss_chunk)(batch)
   assert _rel(got_grads, ref_grads) <= TOL
-  for k in ("loss", "lm_loss", "grad_norm", "intermediates"):  # intermediates: the gate means the loop logs
+  for k in ("loss", "lm_loss", "grad_norm", "intermediates"):  # intermediates: gate means and spreads, as logged
     assert _rel(got[k], ref[k]) <= TOL, k
   assert jax.tree.leaves(got["intermediates"])  # MoA/LA sow their gate means
 
