@@ -7,8 +7,8 @@ Run:
       --config=configs/debug_moe.py --config.mesh.expert=4 --workdir=/tmp/moa_debug_moe_ep4
   python -m moa_jax.summary --config=configs/debug_moe.py
 Expect: 0.66M parameters, 0.21M active per token; lm_loss falls from ~6.2 (ln 512) to ~4.4 in 200
-steps (a minute or two on 2 CPU cores); metrics.jsonl also has aux_loss (≈ 1 per MoE layer when
-balanced, summed over the 2 layers: ~2.1), z_loss, expert_load_max/min per layer (0.125 when balanced)
+steps (a minute or two on 2 CPU cores); metrics.jsonl also has aux_loss (the mean over MoE layers:
+≈ 1 when balanced), z_loss, expert_load_max/min per layer (0.125 when balanced)
 and the experts' mean gates ("moe.mix", "moe.mix_u"). The capacity path
 (--config.model.moe.path=capacity) adds dropped_fraction.
 """

@@ -6,8 +6,8 @@ Run (one H200, or shard experts over devices with --config.mesh.expert=N, N divi
   python -m moa_jax.summary --config=configs/moe_moa_2b.py
 Expect: 1.98B parameters, 0.63B active per token (3.0M of them expert gates: every expert has its own),
 4.2 GFLOP per training token at T=2048; the same matmul shapes as configs/moe_swiglu_2b.py, so the two
-compare at equal compute (SPEC §1: the MoA gain persists in 0.25B–2B MoE models). metrics.jsonl adds
-aux_loss (≈ 1 per MoE layer when balanced, summed over the 26 layers), z_loss and per-layer
+compare at equal compute (the paper reports that the MoA gain persists in 0.25B–2B MoE models). metrics.jsonl adds
+aux_loss (the mean over MoE layers: ≈ 1 when balanced), z_loss and per-layer
 expert_load_max / expert_load_min (0.125 when balanced).
 """
 

@@ -1,8 +1,8 @@
 """FFN forward+backward time and memory: fixed, MoA-7 and bi-MoA-7, XLA vs the fused kernel.
 
-Reproduces SPEC §4 on whatever device is present (there: T=16384, d=2048, F=5632, bf16, K=7):
+Reproduces the H200 anchors of docs/kernel.md on whatever device is present (there: T=16384, d=2048, F=5632, bf16, K=7):
 
-    python experiments/bench_ffn.py                       # H200 / TPU, SPEC §4 shape
+    python experiments/bench_ffn.py                       # H200 / TPU, the anchor shape
     python experiments/bench_ffn.py --tokens=256 --d_model=128 --d_ff=256 --iters=2   # CPU
 
 Prints three markdown tables and writes JSON to --out ($OUT/bench_ffn.json when OUT is set):

@@ -5,7 +5,7 @@
     python experiments/kernel_static.py --json --out experiments/results/kernel_static.json
 
 For every variant (Type-I, one-sided, bi-sided; K = 1 and 7; G = 1 and 8; bf16; T = 16384,
-F = 5632 as in SPEC §4) and for the forward and backward kernels separately:
+F = 5632 as in the H200 anchors, docs/kernel.md) and for the forward and backward kernels separately:
 
   1. lower the jitted fwd+bwd for CUDA with `jax.export` (jax 0.12: under an abstract H200 mesh,
      older jax falls back to sm_90 itself) and capture the Triton IR (TTIR) that Pallas hands to
@@ -43,7 +43,7 @@ sys.path.insert(0, REPO)
 from moa_jax import activations  # noqa: E402
 from moa_jax.kernels import mix, triton as mix_triton  # noqa: E402
 
-T, F = 16384, 5632  # SPEC §4
+T, F = 16384, 5632  # the H200 anchor shape (docs/kernel.md)
 PAPER = activations.PAPER_DICTIONARY
 TRITON_CALL = mix_triton.CUSTOM_CALL
 

@@ -4,7 +4,7 @@ Every activation is one `Activation(fn, grad, flops)` entry in `ACTIVATIONS`: th
 derivative and its forward cost (for moa_jax.summary), both elementwise and written with cheap primitives so the Pallas kernel can call them
 in its body. Adding a function to the dictionary is adding one entry here.
 
-Mixing (SPEC §1): with coefficients c of shape (..., G, K) that broadcast against the token
+Mixing (docs/method.md): with coefficients c of shape (..., G, K) that broadcast against the token
 dimensions of h (..., F), channel group g = f // (F / G) uses c[..., g, :]:
 
     m(h)[..., f] = Σ_k c[..., g(f), k] · σ_k(h[..., f])

@@ -1,4 +1,4 @@
-"""Feedforward layers: Type-I (`mlp`) and Type-II (`glu`), with fixed, LA or MoA activations (SPEC §1).
+"""Feedforward layers: Type-I (`mlp`) and Type-II (`glu`), with fixed, LA or MoA activations (docs/method.md).
 
     Type-I : y = W3 · m(W1 x)
     Type-II: y = W3 · (m(W1 x) ⊙ W2 x)          one-sided

@@ -1,4 +1,4 @@
-"""Activation table, FFN variants, their initialisation claims and the expressivity facts of SPEC §1."""
+"""Activation table, FFN variants, their initialisation claims and the expressivity facts of docs/method.md."""
 
 import dataclasses
 import math
@@ -190,7 +190,7 @@ def test_fixed_with_two_activations_is_refused():
     spec(mix="fixed", activations=("relu", "silu"), primary="relu")
 
 
-# ---- Expressivity facts (SPEC §1), shown numerically on 1-D / 2-D inputs --------------------------
+# ---- Expressivity facts (docs/method.md), shown numerically on 1-D / 2-D inputs --------------------------
 
 def _lstsq_rel_error(features: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
   coef, *_ = np.linalg.lstsq(features, target, rcond=None)

@@ -1,6 +1,6 @@
 """Fused mixing of activations: y = m(h), m(h) ⊙ u or m(h) ⊙ m_u(u) as one Pallas kernel.
 
-    m(h)[t, f] = Σ_k c[t, g(f), k] · σ_k(h[t, f])        (SPEC §1, §3)
+    m(h)[t, f] = Σ_k c[t, g(f), k] · σ_k(h[t, f])        (docs/method.md, docs/kernel.md)
 
 with per-token gates c (MoA) or one set of coefficients for all tokens (LA, broadcast here).
 The forward is one pass over T×F; the backward one pass computing dh, du and the per-token

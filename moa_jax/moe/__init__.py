@@ -1,4 +1,4 @@
-"""Mixture-of-Experts FFN layer (SPEC §2, §7); design notes in docs/moe.md.
+"""Mixture-of-Experts FFN layer; design notes in docs/moe.md.
 
     spec.py      the `model.moe` config group
     router.py    scores, top-k weights, balance and z losses
