@@ -9,7 +9,7 @@ On a CPU (debug model; --plan at 16k tokens/s: ~1.9 h of training, ~2.5 h at mos
   python -m moa_jax.study experiments/activation_baselines.py --workdir=/tmp/act --study.sizes=debug
 Every fixed FFN at equal matmul parameters (F = 4d for MLPs, F ≈ 8/3·d for GLUs), each at its own
 tuned lr (seed 100, grid 0.5×, 1×, 2×, widened at an edge), seeds 0-2, each against the GELU MLP
-(SPEC's Type-I baseline); primary: SwiGLU − GELU MLP.
+(the paper's Type-I baseline); primary: SwiGLU − GELU MLP.
 Expect: the GLUs beat the MLPs, ReLU² the best MLP and ReLU the worst (the usual ordering in the
 literature), by a few hundredths of a nat. These are the fixed points LA and MoA must beat.
 """

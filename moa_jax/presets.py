@@ -35,7 +35,7 @@ MOE_SIZES = {
     "moe_2b_a0.6b": (1024, 26, 16, 16, 32000, False, 256, 4e-4, 8, 2),
 }
 
-# The run shape a study trains each dense size at (moa_jax.study; SPEC §8): sequences per step, tokens
+# The run shape a study trains each dense size at (moa_jax.study; docs/research_protocol.md): sequences per step, tokens
 # per sequence, warmup as a fraction of the steps, evaluations per run, and config overrides. The
 # steps come from train.tokens_per_param (20 by default). Debug reads 8 MB of the stdlib (3.7M train,
 # 75k val tokens at its 512-token BPE), so 20 tokens per parameter (2.6M) is under one epoch.

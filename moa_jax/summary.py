@@ -4,7 +4,7 @@
 
 FLOPs per token count a training step (forward + backward): 6 per matmul parameter (including the
 output projection and the MoA gate matmuls), plus attention scores 12·L·H·T (the convention of
-SPEC §4, full T×T, no causal discount), plus the FFN's elementwise work (the activations, their LA/MoA
+the H200 reference step in docs/kernel.md, full T×T, no causal discount), plus the FFN's elementwise work (the activations, their LA/MoA
 mixing and the GLU product, 3× the forward count for forward + backward), which is what sets
 bi-MoA apart from SwiGLU at equal matmul parameters (8.6% of bi-MoA's FLOPs at debug size).
 

@@ -318,7 +318,7 @@ def test_shipped_study_files_load_and_plan(path):
   assert all(c.train.steps > 0 for _, c in runs)
 
 
-# ------------------------------------------------------------------------ the protocol (SPEC §8)
+# ------------------------------------------------------------------------ the protocol (docs/research_protocol.md)
 
 def test_holm_and_power_hand_checked():
   # Holm: sorted p 0.01, 0.03, 0.04 of m = 3 -> 3·0.01, max(0.03, 2·0.03), max(0.06, 1·0.04); nan is no test.
