@@ -33,8 +33,9 @@ def cross_entropy(logits: Array, targets: Array) -> Array:
 
 
 def check_chunk(chunk: int, seq_len: int) -> None:
-  """train.loss_chunk against train.seq_len: 0 (whole sequence) or a divisor of it."""
-  if chunk < 0 or (chunk and seq_len % chunk):
+  """train.loss_chunk against train.seq_len: 0 or ≥ seq_len (the whole sequence at once), or a divisor
+  of it. A preset's chunk stays valid when a user shortens the sequence below it."""
+  if chunk < 0 or (0 < chunk < seq_len and seq_len % chunk):
     raise ValueError(f"train.loss_chunk = {chunk} does not divide train.seq_len = {seq_len}; use 0 (no chunks) "
                      f"or a divisor of {seq_len}, e.g. {_divisor_near(seq_len, min(512, seq_len // 2))}")
 

@@ -179,7 +179,8 @@ def lm_config(size: str = "debug", ffn: str = "swiglu") -> ml_collections.Config
                                                  # (batch_size % (N × data·fsdp·expert) == 0); MoE balance
                                                  # loss per microbatch
       loss_chunk=0 if tiny else 512,             # positions per cross-entropy chunk, so the (B, T, V) fp32 logits
-                                                 # never exist at once (0: whole sequence; must divide seq_len)
+                                                 # never exist at once (0 or ≥ seq_len: whole sequence;
+                                                 # otherwise a divisor of seq_len)
       profile_steps=(0, 0),                      # (start, count): jax.profiler trace of these steps into
                                                  # WORKDIR/profile (count 0: off; step 1 compiles, start ≥ 2)
       profile_processes=(0,),                    # process indices that write a trace

@@ -208,5 +208,16 @@ def test_bad_microbatches_and_loss_chunk_stop_before_compiling(field, value, mes
     train.compile_only(config)
 
 
+@pytest.mark.parametrize("chunk", [0, 32, 48, 512])
+def test_a_chunk_at_least_the_sequence_is_the_whole_sequence(chunk):
+  """A preset's loss_chunk (512) must not refuse a user's shorter --config.train.seq_len."""
+  loss.check_chunk(chunk, 32)
+  hidden = jax.random.normal(jax.random.key(0), (2, 32, 8))
+  unembed = jax.random.normal(jax.random.key(1), (8, 16))
+  targets = jax.random.randint(jax.random.key(2), (2, 32), 0, 16)
+  np.testing.assert_allclose(loss.chunked_token_losses(hidden, unembed, targets, chunk),
+                             loss.token_losses(loss.logits(hidden, unembed), targets), rtol=1e-6)
+
+
 if __name__ == "__main__":
   _mesh_worker()

@@ -1,7 +1,6 @@
 """Multi-process training (2 processes × 4 CPU devices over gloo), preemption by SIGTERM, unreadable
 checkpoints, and --compile_only. Every run is a real `python -m moa_jax.train` subprocess."""
 
-import json
 import os
 import shutil
 import signal
@@ -11,6 +10,8 @@ import sys
 import time
 
 import pytest
+
+from moa_jax import rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,8 +32,8 @@ def _train(workdir, cache, devices=1, extra=(), **overrides):
 
 
 def _losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f)}
+  """step -> loss, one per step, the newest record winning (a resumed run appends after a restart marker)."""
+  return {r["step"]: r["loss"] for r in rundir.records(workdir)}
 
 
 def _free_port():
