@@ -24,7 +24,6 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from moa_jax import activations, kernels
 from moa_jax.kernels import mix

@@ -9,8 +9,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from moa_jax import rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

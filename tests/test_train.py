@@ -6,9 +6,7 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
-import pytest
 
 from moa_jax import rundir, train
 

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec
 
 from moa_jax import activations
@@ -176,6 +177,22 @@ def unpad_x(x: Array, groups: int, t: int, fg: int, tiling: Tiling) -> Array:
 def pad_gates(c: Array, kp: int, t_pad: int) -> Array:
   g, k, t = c.shape
   return jnp.pad(c, ((0, 0), (0, kp - k), (0, t_pad - t)))
+
+
+def block_inputs(spec: Spec, tl: Tiling, kpad, h, gates, u, gates_u, x_spec, gate_index):
+  """The padded kernel operands (h, gates[, u][, gates_u]) and their BlockSpecs, for either backend:
+  x_spec blocks (T, F) operands, gate_index maps a grid index to a (G, Kp, T) gate block."""
+  groups = gates.shape[0]
+  gate_spec = lambda c: pl.BlockSpec((None, kpad(c.shape[1]), tl.bt), gate_index)
+  args = [pad_x(h, groups, tl), pad_gates(gates, kpad(gates.shape[1]), tl.t_pad)]
+  in_specs = [x_spec, gate_spec(gates)]
+  if spec.glu:
+    args.append(pad_x(u, groups, tl))
+    in_specs.append(x_spec)
+  if spec.bi:
+    args.append(pad_gates(gates_u, kpad(gates_u.shape[1]), tl.t_pad))
+    in_specs.append(gate_spec(gates_u))
+  return args, in_specs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,16 +50,8 @@ class Layout:
     tl = self.tiling(t, f // groups, groups, backward, spec.block_t, spec.block_f)
     nf = tl.f_blocks
     x_spec = pl.BlockSpec((tl.bt, tl.bf), lambda i, g, j: (i, g * nf + j))
-    gate_spec = lambda c: pl.BlockSpec((None, self.kpad(c.shape[1]), tl.bt),
-                                       lambda i, g, j: (g, 0, i))
-    args = [mix.pad_x(h, groups, tl), mix.pad_gates(gates, self.kpad(gates.shape[1]), tl.t_pad)]
-    in_specs = [x_spec, gate_spec(gates)]
-    if spec.glu:
-      args.append(mix.pad_x(u, groups, tl))
-      in_specs.append(x_spec)
-    if spec.bi:
-      args.append(mix.pad_gates(gates_u, self.kpad(gates_u.shape[1]), tl.t_pad))
-      in_specs.append(gate_spec(gates_u))
+    args, in_specs = mix.block_inputs(spec, tl, self.kpad, h, gates, u, gates_u, x_spec,
+                                      lambda i, g, j: (g, 0, i))
     for x in extra:
       args.append(mix.pad_x(x, groups, tl))
       in_specs.append(x_spec)

@@ -64,8 +64,8 @@ class Layout:
     tl = self.tiling(t, f // groups, False, spec.block_t, spec.block_f)
     nf = tl.f_blocks
     x_spec = pl.BlockSpec((tl.bt, tl.bf), lambda i, g, j: (i, g * nf + j))
-    args, in_specs = self._inputs(spec, tl, h, gates, u, gates_u, x_spec,
-                                  lambda i, g, j: (g, 0, i))
+    args, in_specs = mix.block_inputs(spec, tl, self.kpad, h, gates, u, gates_u, x_spec,
+                                      lambda i, g, j: (g, 0, i))
     y = pl.pallas_call(
         functools.partial(_forward_kernel, spec=spec),
         out_shape=jax.ShapeDtypeStruct(args[0].shape, h.dtype),
@@ -80,8 +80,8 @@ class Layout:
     k, k_u = gates.shape[1], None if gates_u is None else gates_u.shape[1]
     tl = self.tiling(t, f // groups, True, spec.block_t, spec.block_f)
     row_spec = pl.BlockSpec((tl.bt, tl.f_pad), lambda i, g: (i, g))  # one group's channels
-    args, in_specs = self._inputs(spec, tl, h, gates, u, gates_u, row_spec,
-                                  lambda i, g: (g, 0, i))
+    args, in_specs = mix.block_inputs(spec, tl, self.kpad, h, gates, u, gates_u, row_spec,
+                                      lambda i, g: (g, 0, i))
     args.append(mix.pad_x(dy, groups, tl))
     in_specs.append(row_spec)
     dc_spec = lambda kp: pl.BlockSpec((None, kp, tl.bt), lambda i, g: (g, 0, i))
@@ -106,19 +106,6 @@ class Layout:
     du = mix.unpad_x(outs[2], groups, t, fg, tl) if spec.glu else None
     dcu = outs[3][:, :k_u, :t] if spec.bi else None
     return dh, dc, du, dcu
-
-  def _inputs(self, spec, tl, h, gates, u, gates_u, x_spec, gate_index):
-    groups = gates.shape[0]
-    gate_spec = lambda c: pl.BlockSpec((None, self.kpad(c.shape[1]), tl.bt), gate_index)
-    args = [mix.pad_x(h, groups, tl), mix.pad_gates(gates, self.kpad(gates.shape[1]), tl.t_pad)]
-    in_specs = [x_spec, gate_spec(gates)]
-    if spec.glu:
-      args.append(mix.pad_x(u, groups, tl))
-      in_specs.append(x_spec)
-    if spec.bi:
-      args.append(mix.pad_gates(gates_u, self.kpad(gates_u.shape[1]), tl.t_pad))
-      in_specs.append(gate_spec(gates_u))
-    return args, in_specs
 
 
 LAYOUT = Layout()
