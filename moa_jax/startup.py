@@ -226,6 +226,12 @@ def parse_flags(argv: list[str]) -> list[str]:
       raise SystemExit(f"error: {config_arg}: no such file; the configs are in configs/ "
                        f"(e.g. --config=configs/debug.py)") from None
     raise SystemExit(f"error: {config_arg} could not be loaded: {str(e).strip().splitlines()[-1]}") from None
+  except SyntaxError as e:  # the config file itself is not valid Python
+    raise SystemExit(f"error: {config_arg} does not load: SyntaxError at line {e.lineno}: {e.msg}; "
+                     "fix the file (configs/*.py are examples)") from None
+  except Exception as e:  # get_config() (or the file's top level) raised: name it instead of a traceback
+    raise SystemExit(f"error: {config_arg} does not load: {type(e).__name__}: {e}; "
+                     "fix the file (configs/*.py are examples)") from None
 
 
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}

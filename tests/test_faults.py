@@ -6,6 +6,7 @@ check, besides the error or note, that nothing already written was lost or chang
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -338,6 +339,18 @@ def _cli(*args, timeout=120):
 def test_cli_config_mistakes_are_one_line(tmp_path, args, message):
   out = _cli("moa_jax.train", f"--workdir={tmp_path}/run", *args)
   assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("def get_config(\n", r"error: --config=\S+broken.py does not load: SyntaxError at line 1: '\(' was never closed"),
+    ("def get_config():\n  return undefined_name\n",
+     r"error: --config=\S+broken.py does not load: NameError: name 'undefined_name' is not defined"),
+])
+def test_a_config_file_that_does_not_load_is_one_line(tmp_path, text, message):
+  (tmp_path / "broken.py").write_text(text)
+  out = _cli("moa_jax.train", f"--workdir={tmp_path}/run", f"--config={tmp_path}/broken.py")
+  assert out.returncode != 0 and re.search(message, out.stderr) and "Traceback" not in out.stderr, out.stderr[-2000:]
   assert not os.path.exists(tmp_path / "run")
 
 
