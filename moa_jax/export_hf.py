@@ -159,11 +159,11 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
     raise ExportError(f"--dtype={dtype}; allowed: {', '.join(DTYPES)}")
   if os.path.isdir(out) and os.listdir(out):
     raise ExportError(f"--out={out} exists and is not empty; give a new directory (nothing was written)")
+  config, params, step, tok = restore(workdir, step)  # refuses what cannot be exported (MoE) first
   try:
     from safetensors.numpy import save_file
   except ImportError as e:
     raise ExportError("the safetensors package is not installed; pip install -e '.[hf]'") from e
-  config, params, step, tok = restore(workdir, step)
   parent = os.path.dirname(os.path.abspath(out))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
