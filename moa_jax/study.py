@@ -474,6 +474,8 @@ def with_flags(study: Study, flags: list[str]) -> Study:
       if unknown:
         raise StudyError(f"--study.arms: {unknown} are not arms of {study.name!r}; arms: {', '.join(study.arms)}")
       changes["arms"] = {a: study.arms[a] for a in keep}
+      if study.baseline not in keep and not any(f.startswith("--study.baseline=") for f in flags):
+        raise StudyError(f"{flag} leaves out the baseline {study.baseline!r}; add --study.baseline={keep[0]}")
       changes["comparisons"] = tuple(c for c in study.comparisons if set(c) <= set(keep))
       changes["primary"] = study.primary if set(study.primary) <= set(keep) else ()
     elif field in _SETTABLE:
@@ -524,4 +526,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  # Study files import moa_jax.study, a second copy of this module when it runs as __main__: call that
+  # copy's main, so the StudyError its Study raises is the class main catches.
+  from moa_jax import study as _study
+
+  _study.main()

@@ -443,3 +443,18 @@ def test_single_point_and_units_in_plots():
   curves = [(np.array([1.0]), np.array([d])) for d in (-0.03, -0.04, -0.05)]
   x, mean, lo, hi = plot._seed_band(curves, 0.0)
   assert mean[0] == pytest.approx(-0.04) and hi[0] - mean[0] == pytest.approx(0.024841, abs=1e-6)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--study.arms=bila"], "--study.arms=bila leaves out the baseline 'swiglu'; add --study.baseline=bila"),
+    (["--study.arms=bila", "--study.baseline=swiglu"], "baseline = 'swiglu' is not an arm"),
+])
+def test_cli_errors_raised_by_the_study_file_are_one_line(tmp_path, flags, message):
+  """The study file imports moa_jax.study, not __main__: its StudyError must still be one line."""
+  args = [sys.executable, "-m", "moa_jax.study", os.path.join(ROOT, "experiments", "debug_protocol.py"),
+          f"--workdir={tmp_path}", "--plan", *flags]
+  out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
+  assert not os.listdir(tmp_path)
