@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import optax
-from jax.sharding import PartitionSpec as P
+import flax.linen as nn
 import jax
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moa_jax import sharding
 
 # Matrix parameters by name: (reduction axes, output axes) as logical names. Muon orthogonalises these;
 # every other axis (layers, experts) is a batch axis. Embeddings, norms and mixing parameters use AdamW.
@@ -68,8 +71,67 @@ def muon_dims(params, logical_specs):
   return jax.tree_util.tree_unflatten(treedef, [dims(p, x, s) for (p, x), s in zip(flat, specs)])
 
 
-def make_optimizer(c, steps: int, params, logical_specs) -> optax.GradientTransformation:
-  """params: abstract parameter tree; logical_specs: its logical PartitionSpecs (for Muon's axes)."""
+def muon_layouts(params, logical_specs, mesh: Mesh) -> list:
+  """Where Muon orthogonalises each matrix: the mesh axes that shard a matrix's own dimensions (fsdp,
+  tensor) move, one axis per step, to its first batch dimension (the stacked layers), so Newton–Schulz
+  multiplies whole matrices on the device that holds them. One axis per step keeps every move a single
+  all-to-all (XLA cannot move two axes at once and would gather). Parameters that are not stacked
+  matrices keep their layout. Returns one tree of NamedShardings per step (at least one); the last is
+  where the update runs. A layer count the moved axes do not divide is sharded unevenly (XLA pads it)."""
+  dims = muon_dims(params, logical_specs)
+  specs = jax.tree_util.tree_leaves(logical_specs, is_leaf=lambda s: isinstance(s, P))
+  flat, treedef = jax.tree_util.tree_flatten(params)
+  dims_flat = jax.tree_util.tree_leaves(dims, is_leaf=lambda d: d is None or isinstance(d, optax.contrib.MuonDimensionNumbers))
+
+  def steps(x, spec, d) -> list[list[tuple]]:
+    axes = [(a,) if isinstance(a, str) else tuple(a or ()) for a in nn.logical_to_mesh_axes(tuple(spec), sharding.LOGICAL_RULES)]
+    matrix = set(d.reduction_axis) | set(d.output_axis) if d is not None else set()
+    batch = [i for i in range(x.ndim) if i not in matrix]
+    out = [axes]
+    for i in sorted(matrix) if batch else ():
+      for a in axes[i]:
+        if mesh.shape[a] > 1:
+          now = list(out[-1])
+          now[i] = tuple(b for b in now[i] if b != a)
+          now[batch[0]] = now[batch[0]] + (a,)
+          out.append(now)
+    return out[1:] or out
+
+  per_leaf = [steps(x, s, d) for x, s, d in zip(flat, specs, dims_flat)]
+  n = max(len(p) for p in per_leaf)
+  to_sharding = lambda axes: NamedSharding(mesh, P(*[a or None for a in axes]))
+  return [jax.tree_util.tree_unflatten(treedef, [to_sharding(p[min(k, len(p) - 1)]) for p in per_leaf])
+          for k in range(n)]
+
+
+def _orthogonalise_where_stacked(tx: optax.GradientTransformation, params, logical_specs,
+                                 mesh: Mesh) -> optax.GradientTransformation:
+  """Runs `tx` (Muon) with each stacked matrix's update and momentum resharded over its layer axis
+  (muon_layouts): all-to-alls in and out, where FSDP or tensor sharding would otherwise all-gather
+  every (L, d, d) matrix for Newton–Schulz. The stored state and the returned updates keep the
+  parameters' layout; the values are those of `tx` unchanged."""
+  stored = sharding.logical_shardings(logical_specs, mesh)
+  layouts = muon_layouts(params, logical_specs, mesh)
+  replicated = NamedSharding(mesh, P())
+
+  def move(tree, path):
+    for layout in path:
+      tree = jax.tree.map(jax.lax.with_sharding_constraint, tree,
+                          sharding.match_shardings(tree, params, layout, replicated))
+    return tree
+
+  def update(updates, state, params_now=None):
+    params_now = None if params_now is None else move(params_now, layouts)  # for the weight decay
+    updates, state = tx.update(move(updates, layouts), move(state, layouts), params_now)
+    back = layouts[::-1] + [stored]  # the whole update pinned to the last layout, then back step by step
+    return move(updates, back), move(state, back)
+
+  return optax.GradientTransformation(tx.init, update)
+
+
+def make_optimizer(c, steps: int, params, logical_specs, mesh: Mesh | None = None) -> optax.GradientTransformation:
+  """params: abstract parameter tree; logical_specs: its logical PartitionSpecs (for Muon's axes);
+  mesh: where the train step runs (Muon then orthogonalises each stacked matrix where it lives)."""
   if c.name not in OPTIMIZERS:
     raise ValueError(f"optim.name = {c.name!r}; allowed: {', '.join(OPTIMIZERS)}")
   lr = schedule(c, steps)
@@ -80,4 +142,6 @@ def make_optimizer(c, steps: int, params, logical_specs) -> optax.GradientTransf
     opt = optax.contrib.muon(lr, weight_decay=c.weight_decay, weight_decay_mask=mask, adam_b1=c.b1,
                              adam_b2=c.b2, muon_weight_dimension_numbers=muon_dims(params, logical_specs),
                              consistent_rms=0.2)
+    if mesh is not None and mesh.size > 1:
+      opt = _orthogonalise_where_stacked(opt, params, logical_specs, mesh)
   return optax.chain(optax.clip_by_global_norm(c.clip_norm), opt) if c.clip_norm > 0 else opt

@@ -195,7 +195,7 @@ def build(config, with_data: bool = True) -> Run:
   sharding.check_divisible(abstract_params, logical, mesh)
   param_shardings = sharding.logical_shardings(logical, mesh)
   lr_schedule = optim.schedule(config.optim, config.train.steps)
-  tx = optim.make_optimizer(config.optim, config.train.steps, abstract_params, logical)
+  tx = optim.make_optimizer(config.optim, config.train.steps, abstract_params, logical, mesh)
   replicated = NamedSharding(mesh, P())
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   state_shardings = TrainState(replicated, param_shardings,
