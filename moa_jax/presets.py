@@ -136,7 +136,7 @@ def lm_config(size: str = "debug", ffn: str = "swiglu") -> ml_collections.Config
       tie_embeddings=tie,                        # share input embedding and output projection
       dtype="float32" if debug else "bfloat16",  # compute dtype (debug: fp32, so tests compare to rounding)
       param_dtype="float32",                     # parameter (and optimizer state) dtype
-      remat="save_dots_no_batch",                # remat policy: none | full | save_dots | save_dots_no_batch
+      remat="save_dots_no_batch",                # remat policy: none | full | save_dots | save_dots_no_batch | save_dots_moe_io
       attention_impl="auto",                     # auto | xla | cudnn (jax.nn.dot_product_attention)
   ))
   c.model.ffn = ffn_config(ffn, d, multiple)

@@ -18,14 +18,18 @@ Array = jax.Array
 # Named remat policies for the scanned block: what the backward pass may keep instead of recomputing.
 # The dots policies also keep the MoE's named activations (moa_jax/moe: rows after dispatch, grouped-matmul
 # hidden activations, expert outputs), so the backward repeats neither an all-to-all nor a grouped matmul.
+# `save_dots_moe_io` keeps the MoE's exchanged rows but not its hidden activations: the backward repeats
+# the experts' up-projections and mixing (no all-to-all), for much less memory (docs/moe.md).
 MOE_SAVED = ("moe_dispatched", "moe_hidden", "moe_expert_out")
-_with_moe = lambda policy: jax.checkpoint_policies.save_from_both_policies(
-    policy, jax.checkpoint_policies.save_only_these_names(*MOE_SAVED))
+_with_moe = lambda policy, names=MOE_SAVED: jax.checkpoint_policies.save_from_both_policies(
+    policy, jax.checkpoint_policies.save_only_these_names(*names))
 REMAT_POLICIES = {
     "none": None,                                                       # no remat: keep everything
     "full": jax.checkpoint_policies.nothing_saveable,                   # recompute the whole block
     "save_dots": _with_moe(jax.checkpoint_policies.checkpoint_dots),    # keep every matmul output
     "save_dots_no_batch": _with_moe(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),  # keep projections
+    "save_dots_moe_io": _with_moe(jax.checkpoint_policies.dots_with_no_batch_dims_saveable,   # as above, but
+                                  ("moe_dispatched", "moe_expert_out")),   # recompute the MoE's hidden rows
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

@@ -6,6 +6,7 @@ policy; the GPU/TPU exchange (ragged all-to-all, megablox kernels) exports for T
 device count is fixed at jax import)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -28,7 +29,10 @@ def _config(mesh, path, buffer_factor=8.0):
   from moa_jax import presets, sharding
   c = presets.lm_config("debug_moe", "bimoa")
   c.model.dtype = "float32"            # exact comparisons: only reduction order differs between meshes
-  c.model.moe.path, c.model.moe.capacity_factor, c.model.moe.buffer_factor = path, 1.0, buffer_factor
+  # Capacity E/k: C = N, so no mesh drops anything and each must equal the run without one (with a
+  # smaller factor each device caps its own N tokens, as GShard's groups do, and drops differ by mesh).
+  capacity = c.model.moe.num_experts / c.model.moe.top_k
+  c.model.moe.path, c.model.moe.capacity_factor, c.model.moe.buffer_factor = path, capacity, buffer_factor
   for axis, size in zip(sharding.MESH_AXES, mesh):
     c.mesh[axis] = size
   return c
@@ -121,8 +125,9 @@ def _ragged_export():
   return len(re.findall(r"custom_call @ragged_all_to_all\(", text)), len(activations), text.count("tpu_custom_call")
 
 
-def _all_to_alls(c):
-  """Activation all-to-alls in the compiled train step (2 MoE layers, scanned: one body each way)."""
+def _moe_collectives(c) -> dict:
+  """In the compiled train step, inside MoE layers: activation all-to-alls (2 MoE layers, scanned: one
+  body each way), reduce-scatters, and all-reduces of (rows, d_model) activations."""
   import jax
   import jax.numpy as jnp
   import flax.linen as nn
@@ -132,7 +137,11 @@ def _all_to_alls(c):
            for k in ("inputs", "targets")}
   with sharding.mesh_context(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     text = train.jit_train_step(run).lower(run.abstract_state, batch).compile().as_text()
-  return sum(1 for line in text.splitlines() if " all-to-all(" in line and "/moe/" in line)
+  moe = [line for line in text.splitlines() if "/moe/" in line]
+  d = c.model.d_model
+  return {"all_to_all": sum(" all-to-all(" in line for line in moe),
+          "reduce_scatter": sum(bool(re.search(r" reduce-scatter(-start)?\(", line)) for line in moe),
+          "row_all_reduce": sum(bool(re.search(rf"= f32\[\d+,{d}\]\S* all-reduce(-start)?\(", line)) for line in moe)}
 
 
 def _worker(out_dir: str, group: str) -> None:
@@ -166,10 +175,11 @@ def _worker(out_dir: str, group: str) -> None:
     return
   _overflow(out_dir)
   counts = {}
-  for remat in ("save_dots_no_batch", "full"):
+  for remat in ("save_dots_no_batch", "full", "save_dots_moe_io"):
     c = _config((1, 1, 1, 8), "dropless")
     c.model.remat = remat
-    counts[remat] = _all_to_alls(c)
+    counts[remat] = _moe_collectives(c)["all_to_all"]
+  tp = _moe_collectives(_config((1, 4, 2, 1), "dropless"))
   bad = _config((1, 1, 1, 4), "dropless")
   bad.model.moe.num_experts, bad.mesh.data = 6, 2
   try:
@@ -179,7 +189,8 @@ def _worker(out_dir: str, group: str) -> None:
     message = str(e)
   ragged = " ".join(map(str, _ragged_export()))
   with open(os.path.join(out_dir, "misc.txt"), "w") as f:
-    f.write(f"{counts['save_dots_no_batch']} {counts['full']}\n{message}\n{ragged}")
+    f.write(f"{counts['save_dots_no_batch']} {counts['full']} {counts['save_dots_moe_io']}\n{message}\n{ragged}\n"
+            f"{tp['reduce_scatter']} {tp['row_all_reduce']}")
 
 
 def _run(tmp_path_factory, group: str):
@@ -230,9 +241,17 @@ def test_a_full_receive_buffer_drops_what_it_reports(fast):
 
 
 def test_default_remat_repeats_no_all_to_all(fast):
-  saved, full = map(int, fast["misc"].splitlines()[0].split())
+  saved, full, io = map(int, fast["misc"].splitlines()[0].split())
   assert saved == 4, saved   # dispatch and return, forward and backward
   assert full == 6, full     # `full` remat recomputes the forward exchange in the backward
+  assert io == 4, io         # save_dots_moe_io recomputes the experts' hidden rows, not the exchange
+
+
+def test_tensor_parallel_experts_reduce_scatter_their_outputs(fast):
+  """fsdp=4, tensor=2: the expert outputs are reduce-scattered over `tensor` (each rank keeps its own
+  tokens' rows), not all-reduced as whole (rows, d_model) activations."""
+  reduce_scatters, row_all_reduces = map(int, fast["misc"].splitlines()[3].split())
+  assert reduce_scatters >= 2 and row_all_reduces == 0, (reduce_scatters, row_all_reduces)
 
 
 def test_one_sequence_falls_back_to_the_partitioned_program(fast):

@@ -10,8 +10,10 @@ Expert parallelism. When a mesh is current (train.py enters one), the layer runs
 `jax.shard_map`: tokens stay sharded over the batch axes (data, fsdp, expert), experts over `expert`
 (E/P per device), and assignments travel as `exchange.py` describes (ragged all-to-all on GPU/TPU, the
 padded emulation on CPU). With mesh.tensor > 1 each expert's F is split over `tensor` (w1, w2 by columns,
-w3 by rows; the partial outputs are summed over `tensor` after w3), so tensor ranks share the expert
-FLOPs instead of repeating them. Expert weights are gathered over fsdp at the shard_map boundary (FSDP-style);
+w3 by rows), so tensor ranks share the expert FLOPs instead of repeating them. On the dropless path the
+tokens are split over `tensor` too: each rank routes and exchanges 1/tp of them, the ranks all-gather
+their rows before the expert FFN and reduce-scatter its partial outputs after w3, and the layer's output
+is all-gathered over `tensor` at the end. (The capacity path keeps the tokens whole and all-reduces.) Expert weights are gathered over fsdp at the shard_map boundary (FSDP-style);
 router and shared experts are ordinary partitioned layers. Router statistics are summed over the batch
 axes, so every mesh computes the same losses; the capacity path limits each device's N tokens, as
 GShard's groups do.
@@ -20,6 +22,7 @@ GShard's groups do.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -88,6 +91,10 @@ def _token_axes(sizes: dict, batch: int) -> tuple[str, ...]:
   return tuple(axes)
 
 
+def _split(sizes: dict, axes: tuple[str, ...]) -> int:
+  return math.prod(sizes[a] for a in axes)
+
+
 def moe_apply(x: Array, router: Array, experts: dict, spec: MoESpec, ffn: FFNSpec):
   """x (B, T, D) -> (B, T, D), stats. Per device in shard_map when a mesh is current (see the module
   docstring); otherwise one program that XLA partitions (also the fallback when the batch does not split
@@ -109,11 +116,23 @@ def moe_apply(x: Array, router: Array, experts: dict, spec: MoESpec, ffn: FFNSpe
   # Tensor-parallel experts: F split over `tensor` (MoA/LA coefficients are per group, so one group).
   tensor_axis = TENSOR_AXIS if tp > 1 and ffn.d_ff % tp == 0 and (ffn.mix == "fixed" or ffn.groups == 1) else None
 
+  # Dropless: the tokens are split over `tensor` as well, so routing and the exchange carry 1/tp of them
+  # and tensor ranks meet only around the expert FFN (all-gather rows, reduce-scatter outputs).
+  split = tensor_axis is not None and spec.path == "dropless" and (b // _split(sizes, axes) * t) % tp == 0
+  if tensor_axis is not None and spec.path == "dropless" and not split:
+    tensor_axis = None  # tokens that do not split over tensor: every rank runs the whole expert FFN
+
   def local(x, router, experts):
     lb = x.shape[0]
-    y, stats = moe_tokens(x.reshape(lb * t, d), router, experts, spec, ffn, token_axes=axes,
+    x = x.reshape(lb * t, d)
+    if split:
+      m = lb * t // tp
+      x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(TENSOR_AXIS) * m, m)
+    y, stats = moe_tokens(x, router, experts, spec, ffn, token_axes=axes + ((TENSOR_AXIS,) if split else ()),
                           n_tokens=n_tokens, axis=axis, shards=shards, transport=transport(),
                           tensor_axis=tensor_axis)
+    if split:
+      y = jax.lax.all_gather(y, TENSOR_AXIS, tiled=True)
     return y.reshape(lb, t, d), stats
 
   f_split = {"w1": P(axis, None, tensor_axis), "w2": P(axis, None, tensor_axis), "w3": P(axis, tensor_axis, None)}

@@ -19,7 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from moa_jax.ffn import FFNSpec
 from moa_jax.moe.exchange import exchange_ffn, per_pair_capacity
-from moa_jax.moe.grouped import batched_ffn, gate_sums, grouped_ffn
+from moa_jax.moe.grouped import batched_ffn, gate_sums, grouped_ffn, tensor_split_ffn
 from moa_jax.moe.router import route, router_losses
 from moa_jax.moe.spec import MoESpec
 
@@ -40,7 +40,10 @@ def dropless(x, weights, experts, p, spec: MoESpec, ffn: FFNSpec, axis, shards, 
   rows = x[order // k]                                # (A, D), grouped by expert
   if shards == 1:
     rows = checkpoint_name(rows, "moe_dispatched")
-    out, coefs = grouped_ffn(rows, sorted_e, sizes, p, ffn, spec.gmm, tensor_axis)
+    if tensor_axis is None:
+      out, coefs = grouped_ffn(rows, sorted_e, sizes, p, ffn, spec.gmm)
+    else:
+      out, coefs = tensor_split_ffn(rows, sorted_e, spec.num_experts, p, ffn, spec.gmm, tensor_axis)
     out = checkpoint_name(out, "moe_expert_out")
     valid, overflow = jnp.ones((n * k,), bool), None
   else:
@@ -89,7 +92,8 @@ def moe_tokens(x: Array, router: Array, experts: dict, spec: MoESpec, ffn: FFNSp
   """One device's tokens x (N, D) -> (N, D) and the router statistics, summed over `token_axes` (the
   mesh axes the tokens are split over; n_tokens is the global count). `experts` holds this device's
   E/shards experts; assignments travel over mesh axis `axis` when shards > 1. With `tensor_axis` the
-  experts' F is split over that mesh axis (the tokens are not)."""
+  experts' F is split over that mesh axis; on the dropless path each tensor rank holds its own tokens
+  (token_axes then includes it), on the capacity path they all hold the same tokens."""
   n = x.shape[0]
   n_tokens = n_tokens or n
   total = (lambda v: jax.lax.psum(v, token_axes)) if token_axes else (lambda v: v)
