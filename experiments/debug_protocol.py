@@ -11,7 +11,9 @@ LR tuning: tune seed 100, grid 0.5×, 1×, 2× of 3e-3, widened while the best i
 2 more points): 9-15 tuning runs. Then seeds 0, 1, 2 at each arm's best: 9 runs. 18-24 runs in all,
 47M training tokens (63M at most): --plan --tokens_per_sec=16000 (the unloaded 2-core mean of
 tiny_mixing's arms; bi-MoA runs at less than half SwiGLU's speed on a CPU) gives ~50 min of training
-(~66 min at most), plus evals (~10%) and one compile per arm and lr.
+(~66 min at most), plus evals (~10%) and one compile per arm and lr. Measured (2026-11-29): 13 tuning
++ 9 evaluation runs in 72 min wall-clock with the arms run side by side (--study.arms=A
+--study.baseline=A, one process each), on 2 cores shared with other work; see the result's README.
 Primary comparison: bi-MoA − SwiGLU; also bi-MoA − bi-LA (token-adaptive vs per-layer mixing) and
 bi-LA − SwiGLU, Holm-corrected over the three.
 Expect: differences of hundredths of a nat at most at this size; the power table says what three
