@@ -37,5 +37,6 @@ def get_study() -> Study:
       primary=("bimoa", "swiglu"),
       comparisons=(("bimoa", "swiglu"), ("bimoa", "bila"), ("bila", "swiglu")),
       effect=0.01,
-      pilot_sd=0.023,  # bi-MoA − SwiGLU's paired SD in experiments/results/tiny_mixing (400 steps, 3 seeds)
+      pilot_sd=0.023,  # bi-MoA − SwiGLU's paired SD in tiny_mixing's first result (400 steps, 3 seeds);
+                       # its 2026-11-29 rerun measured 0.029
   )

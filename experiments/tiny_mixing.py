@@ -5,7 +5,8 @@ Run:
 Compares: the Type-II baseline (SwiGLU), one-sided LA-7 and bi-sided MoA-7 (the paper's best), each with
 seeds 0, 1, 2 (paired: seed s gives every arm the same init seed and data order), 400 steps of 8 × 64
 tokens (205k tokens) on the 0.13M-parameter debug model.
-Expect: ~4 minutes on 2 CPU cores; the eval loss falls from ln 512 ≈ 6.2 to ~4.4. At this size and
+Expect: ~3 minutes on 2 CPU cores (2 min 48 s measured on 2026-11-29, unloaded); the eval loss falls
+from ln 512 ≈ 6.2 to ~4.0. At this size and
 length the arms differ by hundredths of a nat at most, well inside the seed-to-seed spread: a smoke test
 of the workflow, not evidence for or against MoA. Tokens/s on a CPU shared with other jobs is noise.
 The real comparison is experiments/mixing_variants.py on a GPU.
