@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import optax
@@ -73,11 +75,13 @@ def muon_dims(params, logical_specs):
 
 def muon_layouts(params, logical_specs, mesh: Mesh) -> list:
   """Where Muon orthogonalises each matrix: the mesh axes that shard a matrix's own dimensions (fsdp,
-  tensor) move, one axis per step, to its first batch dimension (the stacked layers), so Newton–Schulz
-  multiplies whole matrices on the device that holds them. One axis per step keeps every move a single
-  all-to-all (XLA cannot move two axes at once and would gather). Parameters that are not stacked
-  matrices keep their layout. Returns one tree of NamedShardings per step (at least one); the last is
-  where the update runs. A layer count the moved axes do not divide is sharded unevenly (XLA pads it)."""
+  tensor) move, one axis per step, to a batch dimension (the stacked layers, or the experts where only
+  they divide evenly), so Newton–Schulz multiplies whole matrices on the device that holds them. One axis
+  per step keeps every move a single all-to-all (XLA cannot move two axes at once and would gather).
+  A lone axis moves even where it does not divide (XLA pads the layer axis); when two would move, one that
+  does not divide stays on the matrix, as XLA gathers for such a move (experiments/muon_collectives.py).
+  Parameters that are not stacked matrices keep their layout. Returns one tree of NamedShardings per step
+  (at least one); the last is where the update runs."""
   dims = muon_dims(params, logical_specs)
   specs = jax.tree_util.tree_leaves(logical_specs, is_leaf=lambda s: isinstance(s, P))
   flat, treedef = jax.tree_util.tree_flatten(params)
@@ -88,13 +92,16 @@ def muon_layouts(params, logical_specs, mesh: Mesh) -> list:
     matrix = set(d.reduction_axis) | set(d.output_axis) if d is not None else set()
     batch = [i for i in range(x.ndim) if i not in matrix]
     out = [axes]
-    for i in sorted(matrix) if batch else ():
-      for a in axes[i]:
-        if mesh.shape[a] > 1:
-          now = list(out[-1])
-          now[i] = tuple(b for b in now[i] if b != a)
-          now[batch[0]] = now[batch[0]] + (a,)
-          out.append(now)
+    moving = [(i, a) for i in sorted(matrix) if batch for a in axes[i] if mesh.shape[a] > 1]
+    for i, a in moving:
+      now = list(out[-1])
+      now[i] = tuple(b for b in now[i] if b != a)
+      size = lambda j: math.prod(mesh.shape[b] for b in now[j]) * mesh.shape[a]
+      to = next((j for j in batch if x.shape[j] % size(j) == 0), None)  # evenly where it can
+      if to is None and len(moving) > 1:
+        continue  # stays on the matrix: XLA would gather for this move
+      now[batch[0] if to is None else to] += (a,)
+      out.append(now)
     return out[1:] or out
 
   per_leaf = [steps(x, s, d) for x, s, d in zip(flat, specs, dims_flat)]
