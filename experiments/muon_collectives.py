@@ -16,34 +16,23 @@ import dataclasses
 import json
 import re
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
-from flax.core import meta
 
-from moa_jax import optim, presets, sharding, train
-
-OPS = ("all-gather", "all-to-all", "all-reduce", "reduce-scatter", "collective-permute")
+from moa_jax import optim, presets, profiling, train
 
 
 def count(hlo: str) -> dict:
   """Collective ops in an optimized HLO text, and the f32 all-gathers of ≥3-d arrays (stacked matrices)."""
-  ops = re.findall(r" (" + "|".join(OPS) + r")(?:-start)?\(", hlo)
   stacked = re.findall(r"= f32\[\d+,\d+,\d+[^\]]*\]\S* all-gather(?:-start)?\(", hlo)
-  return {**{op: ops.count(op) for op in OPS}, "f32 stacked all-gathers": len(stacked)}
+  return {**profiling.collective_counts(hlo), "f32 stacked all-gathers": len(stacked)}
 
 
 def compile_step(config, plain_muon: bool) -> str:
   run = train.build(config, with_data=False)
-  if plain_muon:
-    tokens = jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len), jnp.int32)
-    boxed = jax.eval_shape(lambda t: run.model.init(jax.random.key(0), t), tokens)["params"]
-    tx = optim.make_optimizer(config.optim, config.train.steps, meta.unbox(boxed), nn.get_partition_spec(boxed))
-    run = dataclasses.replace(run, tx=tx)
-  batch = {k: jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len), jnp.int32,
-                                   sharding=run.batch_sharding) for k in ("inputs", "targets")}
-  with sharding.mesh_context(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    return train.jit_train_step(run).lower(run.abstract_state, batch).compile().as_text()
+  if plain_muon:  # no mesh: optax's Muon as is
+    params, logical = train.abstract_model(run.model, config.train.batch_size, config.train.seq_len)
+    run = dataclasses.replace(run, tx=optim.make_optimizer(config.optim, config.train.steps, params, logical))
+  return train.compile_train_step(run).as_text()
 
 
 def main() -> None:

@@ -91,8 +91,10 @@ def muon_layouts(params, logical_specs, mesh: Mesh) -> list:
     axes = [(a,) if isinstance(a, str) else tuple(a or ()) for a in nn.logical_to_mesh_axes(tuple(spec), sharding.LOGICAL_RULES)]
     matrix = set(d.reduction_axis) | set(d.output_axis) if d is not None else set()
     batch = [i for i in range(x.ndim) if i not in matrix]
+    if not batch:
+      return [axes]
     out = [axes]
-    moving = [(i, a) for i in sorted(matrix) if batch for a in axes[i] if mesh.shape[a] > 1]
+    moving = [(i, a) for i in sorted(matrix) for a in axes[i] if mesh.shape[a] > 1]
     for i, a in moving:
       now = list(out[-1])
       now[i] = tuple(b for b in now[i] if b != a)

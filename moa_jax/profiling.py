@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from typing import Callable
 
@@ -170,3 +171,12 @@ def compiled_memory(compiled) -> dict:
          for name in ("argument", "output", "temp", "generated_code", "alias")}
   out["total"] = out["argument"] + out["output"] + out["temp"] + out["generated_code"] - out["alias"]
   return out
+
+
+COLLECTIVES = ("all-gather", "all-to-all", "all-reduce", "reduce-scatter", "collective-permute")
+
+
+def collective_counts(hlo: str) -> dict:
+  """How many of each collective an optimized HLO text holds (async pairs counted once, by their start)."""
+  ops = re.findall(r" (" + "|".join(COLLECTIVES) + r")(?:-start)?\(", hlo)
+  return {op: ops.count(op) for op in COLLECTIVES}

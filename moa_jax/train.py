@@ -166,6 +166,13 @@ class Run:
   summary: dict
 
 
+def abstract_model(model: Decoder, batch_size: int, seq_len: int):
+  """The parameters' shapes (ShapeDtypeStructs, nothing allocated) and their logical PartitionSpecs."""
+  tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+  boxed = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]
+  return meta.unbox(boxed), nn.get_partition_spec(boxed)
+
+
 def build(config, with_data: bool = True) -> Run:
   spec = model_spec(config.model)
   if config.train.steps <= 0:
@@ -188,10 +195,7 @@ def build(config, with_data: bool = True) -> Run:
     raise TrainingError(f"train.batch_size = {config.train.batch_size} does not divide over "
                         f"{jax.process_count()} processes")
   model = Decoder(spec)
-  tokens = jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len), jnp.int32)
-  boxed = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]
-  logical = nn.get_partition_spec(boxed)
-  abstract_params = meta.unbox(boxed)
+  abstract_params, logical = abstract_model(model, config.train.batch_size, config.train.seq_len)
   sharding.check_divisible(abstract_params, logical, mesh)
   param_shardings = sharding.logical_shardings(logical, mesh)
   lr_schedule = optim.schedule(config.optim, config.train.steps)
@@ -419,6 +423,15 @@ def _train(config, workdir: str, run: Run, main_process: bool) -> dict:
   return record
 
 
+def compile_train_step(run: Run):
+  """The train step lowered and compiled from abstract shapes (no weights, no data)."""
+  c = run.config.train
+  batch = {k: jax.ShapeDtypeStruct((c.batch_size, c.seq_len), jnp.int32, sharding=run.batch_sharding)
+           for k in ("inputs", "targets")}
+  with sharding.mesh_context(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    return jit_train_step(run).lower(run.abstract_state, batch).compile()
+
+
 def compile_only(config) -> dict:
   """Lowers and compiles the train step for the configured mesh from abstract shapes (no weights,
   no data) and returns XLA's per-device memory estimate in bytes."""
@@ -426,11 +439,7 @@ def compile_only(config) -> dict:
     run = build(config, with_data=False)
   except ValueError as e:
     raise TrainingError(str(e)) from e
-  batch = {k: jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len), jnp.int32,
-                                   sharding=run.batch_sharding) for k in ("inputs", "targets")}
-  with sharding.mesh_context(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    compiled = jit_train_step(run).lower(run.abstract_state, batch).compile()
-  out = profiling.compiled_memory(compiled)
+  out = profiling.compiled_memory(compile_train_step(run))
   stats = jax.devices()[0].memory_stats() or {}
   out["device_limit"] = int(stats.get("bytes_limit", 0))
   return out

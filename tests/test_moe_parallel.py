@@ -128,20 +128,13 @@ def _ragged_export():
 def _moe_collectives(c) -> dict:
   """In the compiled train step, inside MoE layers: activation all-to-alls (2 MoE layers, scanned: one
   body each way), reduce-scatters, and all-reduces of (rows, d_model) activations."""
-  import jax
-  import jax.numpy as jnp
-  import flax.linen as nn
-  from moa_jax import sharding, train
-  run = train.build(c, with_data=False)
-  batch = {k: jax.ShapeDtypeStruct((c.train.batch_size, c.train.seq_len), jnp.int32, sharding=run.batch_sharding)
-           for k in ("inputs", "targets")}
-  with sharding.mesh_context(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    text = train.jit_train_step(run).lower(run.abstract_state, batch).compile().as_text()
-  moe = [line for line in text.splitlines() if "/moe/" in line]
-  d = c.model.d_model
-  return {"all_to_all": sum(" all-to-all(" in line for line in moe),
-          "reduce_scatter": sum(bool(re.search(r" reduce-scatter(-start)?\(", line)) for line in moe),
-          "row_all_reduce": sum(bool(re.search(rf"= f32\[\d+,{d}\]\S* all-reduce(-start)?\(", line)) for line in moe)}
+  from moa_jax import profiling, train
+  text = train.compile_train_step(train.build(c, with_data=False)).as_text()
+  moe = "\n".join(line for line in text.splitlines() if "/moe/" in line)
+  counts = profiling.collective_counts(moe)
+  row_all_reduce = re.findall(rf"= f32\[\d+,{c.model.d_model}\]\S* all-reduce(?:-start)?\(", moe)
+  return {"all_to_all": counts["all-to-all"], "reduce_scatter": counts["reduce-scatter"],
+          "row_all_reduce": len(row_all_reduce)}
 
 
 def _worker(out_dir: str, group: str) -> None:

@@ -4,7 +4,6 @@ equals the plain optax Muon's, and its compiled update gathers no matrix (FSDP u
 
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -15,16 +14,10 @@ import pytest
 CASES = {"fsdp8": (8, 8, 1), "fsdp4_uneven": (6, 4, 1), "fsdp2_tensor2": (4, 2, 2)}
 
 
-def _collectives(hlo: str) -> dict:
-  ops = re.findall(r" (all-gather|all-to-all|all-reduce|collective-permute)(?:-start)?\(", hlo)
-  return {op: ops.count(op) for op in set(ops)}
-
-
 def _worker() -> None:
-  import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  from moa_jax import optim, presets, sharding, train
+  from moa_jax import optim, presets, profiling, sharding, train
   assert jax.device_count() == 8
   out = {}
   for name, (layers, fsdp, tensor) in CASES.items():
@@ -34,13 +27,11 @@ def _worker() -> None:
     c.train.batch_size, c.train.seq_len = 16, 64
     run = train.build(c, with_data=False)
     params_sharding, state_sharding = run.state_shardings.params, run.state_shardings.opt_state
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), run.abstract_state.params)
+    abstract, logical = train.abstract_model(run.model, c.train.batch_size, c.train.seq_len)
     keys = iter(jax.random.split(jax.random.key(0), 1000))
     draw = lambda x: jax.random.normal(next(keys), x.shape, x.dtype)
     params = jax.device_put(jax.tree.map(draw, abstract), params_sharding)
     grads = [jax.device_put(jax.tree.map(draw, abstract), params_sharding) for _ in range(2)]
-    logical = nn.get_partition_spec(jax.eval_shape(
-        lambda t: run.model.init(jax.random.key(0), t), jnp.zeros((16, 64), jnp.int32))["params"])
     plain = optim.make_optimizer(c.optim, c.train.steps, abstract, logical)  # no mesh: optax's Muon as is
     results = {}
     for label, tx in (("mesh", run.tx), ("plain", plain)):
@@ -54,7 +45,7 @@ def _worker() -> None:
         for g in grads:  # two steps: the second has momentum
           u, state = step(g, state, params)
           updates.append(u)
-      results[label] = (updates, _collectives(hlo))
+      results[label] = (updates, profiling.collective_counts(hlo))
     diff = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
                for u_mesh, u_plain in zip(results["mesh"][0], results["plain"][0])
                for a, b in zip(jax.tree.leaves(u_mesh), jax.tree.leaves(u_plain)))

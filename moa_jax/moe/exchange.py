@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from moa_jax.ffn import FFNSpec
-from moa_jax.moe.grouped import grouped_ffn, tensor_split_ffn
+from moa_jax.moe.grouped import unsorted_ffn
 
 Array = jax.Array
 
@@ -78,16 +78,8 @@ def exchange_ffn(rows: Array, sorted_e: Array, sizes: Array, p: dict, ffn: FFNSp
     send = jnp.zeros((shards, cap, d), rows.dtype).at[dest, slot].set(rows, mode="drop")
     recv = jax.lax.all_to_all(send, axis, 0, 0, tiled=True).reshape(shards * cap, d)
 
-  if tensor_axis is not None:  # tokens split over tensor too: gather rows, F-slice, reduce-scatter
-    out, coefs = tensor_split_ffn(checkpoint_name(recv, "moe_dispatched"), ids, e_loc, p, ffn, gmm, tensor_axis)
-    valid = ids < e_loc
-  else:
-    order = jnp.argsort(ids, stable=True)                                  # by local expert, padding last
-    local_sizes = jnp.sum(jax.nn.one_hot(ids, e_loc, dtype=jnp.int32), axis=0)
-    inputs = checkpoint_name(recv[order], "moe_dispatched")
-    out, coefs = grouped_ffn(inputs, jnp.minimum(ids[order], e_loc - 1), local_sizes, p, ffn, gmm)
-    out = jnp.zeros_like(out).at[order].set(out)                           # back to arrival layout
-    valid = ids[order] < e_loc
+  # By local expert, run, back to arrival order; with tensor_axis the tensor ranks share the FLOPs.
+  out, coefs = unsorted_ffn(checkpoint_name(recv, "moe_dispatched"), ids, e_loc, p, ffn, gmm, tensor_axis)
 
   if transport == "ragged":
     back = jax.lax.ragged_all_to_all(out, jnp.zeros((a, d), out.dtype), jnp.arange(shards, dtype=jnp.int32) * cap,
@@ -95,4 +87,4 @@ def exchange_ffn(rows: Array, sorted_e: Array, sizes: Array, p: dict, ffn: FFNSp
   else:
     back = jax.lax.all_to_all(out.reshape(shards, cap, d), axis, 0, 0, tiled=True)
     back = back.at[dest, slot].get(mode="fill", fill_value=0)
-  return checkpoint_name(back, "moe_expert_out"), coefs, valid, dropped
+  return checkpoint_name(back, "moe_expert_out"), coefs, ids < e_loc, dropped

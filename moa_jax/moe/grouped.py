@@ -108,7 +108,7 @@ def grouped_ffn(rows: Array, ids: Array, sizes: Array, p: dict, spec: FFNSpec, i
   """The experts' FFNs on rows sorted by expert: group e is the next sizes[e] rows; rows past Σ sizes
   come out zero. ids (M,): each row's expert (any valid index for padding rows). The hidden
   activations are named `moe_hidden` for the remat policies. p may hold a slice of F (w1, w2 columns,
-  w3 rows): the output is then this slice's partial sum (tensor_split_ffn).
+  w3 rows): the output is then this slice's partial sum (unsorted_ffn).
   Returns (M, D) and the per-row coefficients."""
   dt = rows.dtype
   h = checkpoint_name(gmm(rows, p["w1"].astype(dt), sizes, impl), "moe_hidden")           # (M, F)
@@ -119,23 +119,33 @@ def grouped_ffn(rows: Array, ids: Array, sizes: Array, p: dict, spec: FFNSpec, i
   return out, coefs
 
 
-def tensor_split_ffn(rows: Array, ids: Array, n_groups: int, p: dict, spec: FFNSpec, impl: str, tensor_axis: str):
-  """The experts' FFNs when tokens and F are both split over `tensor_axis` (T ranks): this rank's rows
-  (M, D), in any order, with ids (M,) their local expert (n_groups marks padding). Every rank's rows are
-  all-gathered, sorted by expert and run through this rank's slice of F; the partial outputs are then
-  reduce-scattered, so each rank gets the full output for its own rows. Per rank: T·M rows through F/T
-  columns, the FLOPs of M rows through F, instead of every rank repeating all of them.
-  Returns (M, D) in the rows' order and their coefficients."""
+def inverse_permutation(order: Array) -> Array:
+  """The permutation that undoes `order`: x[order][inverse_permutation(order)] == x."""
+  return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+
+
+def unsorted_ffn(rows: Array, ids: Array, n_groups: int, p: dict, spec: FFNSpec, impl: str, tensor_axis=None):
+  """grouped_ffn on rows in any order: ids (M,) each row's local expert, n_groups marking padding (its
+  rows come out zero). The rows are sorted by expert, run, and put back in their order.
+
+  With `tensor_axis` (T ranks), the tokens and F are both split over it: every rank's rows are
+  all-gathered, run through this rank's slice of F, and the partial outputs reduce-scattered, so each
+  rank gets the full output for its own rows: the FLOPs of M rows through F per rank, instead of every
+  rank repeating all of them. Returns (M, D) and the rows' coefficients, both in the rows' order."""
   m = rows.shape[0]
-  every = jax.lax.all_gather(rows, tensor_axis, tiled=True)               # (T·M, D)
-  every_ids = jax.lax.all_gather(ids, tensor_axis, tiled=True)
-  order = jnp.argsort(every_ids, stable=True)                              # by expert, padding last
-  sizes = jnp.sum(jax.nn.one_hot(every_ids, n_groups, dtype=jnp.int32), axis=0)
-  out, coefs = grouped_ffn(every[order], jnp.minimum(every_ids[order], n_groups - 1), sizes, p, spec, impl)
-  back = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-  out = jax.lax.psum_scatter(out[back], tensor_axis, scatter_dimension=0, tiled=True)
+  if tensor_axis is not None:
+    rows = jax.lax.all_gather(rows, tensor_axis, tiled=True)               # (T·M, D)
+    ids = jax.lax.all_gather(ids, tensor_axis, tiled=True)
+  order = jnp.argsort(ids, stable=True)                                    # by expert, padding last
+  sizes = jnp.sum(jax.nn.one_hot(ids, n_groups, dtype=jnp.int32), axis=0)
+  out, coefs = grouped_ffn(rows[order], jnp.minimum(ids[order], n_groups - 1), sizes, p, spec, impl)
+  back = inverse_permutation(order)
+  out, coefs = out[back], {b: c[back] for b, c in coefs.items()}
+  if tensor_axis is None:
+    return out, coefs
   mine = jax.lax.axis_index(tensor_axis) * m
-  return out, {b: jax.lax.dynamic_slice_in_dim(c[back], mine, m) for b, c in coefs.items()}
+  return (jax.lax.psum_scatter(out, tensor_axis, scatter_dimension=0, tiled=True),
+          {b: jax.lax.dynamic_slice_in_dim(c, mine, m) for b, c in coefs.items()})
 
 
 def batched_ffn(xe: Array, p: dict, spec: FFNSpec, tensor_axis=None):

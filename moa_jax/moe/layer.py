@@ -13,8 +13,9 @@ padded emulation on CPU). With mesh.tensor > 1 each expert's F is split over `te
 w3 by rows), so tensor ranks share the expert FLOPs instead of repeating them. On the dropless path the
 tokens are split over `tensor` too: each rank routes and exchanges 1/tp of them, the ranks all-gather
 their rows before the expert FFN and reduce-scatter its partial outputs after w3, and the layer's output
-is all-gathered over `tensor` at the end. (The capacity path keeps the tokens whole and all-reduces.) Expert weights are gathered over fsdp at the shard_map boundary (FSDP-style);
-router and shared experts are ordinary partitioned layers. Router statistics are summed over the batch
+is all-gathered over `tensor` at the end. (The capacity path keeps the tokens whole and all-reduces.)
+Expert weights are gathered over fsdp at the shard_map boundary (FSDP-style); router and shared experts
+are ordinary partitioned layers. Router statistics are summed over the batch
 axes, so every mesh computes the same losses; the capacity path limits each device's N tokens, as
 GShard's groups do.
 """
@@ -91,10 +92,6 @@ def _token_axes(sizes: dict, batch: int) -> tuple[str, ...]:
   return tuple(axes)
 
 
-def _split(sizes: dict, axes: tuple[str, ...]) -> int:
-  return math.prod(sizes[a] for a in axes)
-
-
 def moe_apply(x: Array, router: Array, experts: dict, spec: MoESpec, ffn: FFNSpec):
   """x (B, T, D) -> (B, T, D), stats. Per device in shard_map when a mesh is current (see the module
   docstring); otherwise one program that XLA partitions (also the fallback when the batch does not split
@@ -117,10 +114,11 @@ def moe_apply(x: Array, router: Array, experts: dict, spec: MoESpec, ffn: FFNSpe
   tensor_axis = TENSOR_AXIS if tp > 1 and ffn.d_ff % tp == 0 and (ffn.mix == "fixed" or ffn.groups == 1) else None
 
   # Dropless: the tokens are split over `tensor` as well, so routing and the exchange carry 1/tp of them
-  # and tensor ranks meet only around the expert FFN (all-gather rows, reduce-scatter outputs).
-  split = tensor_axis is not None and spec.path == "dropless" and (b // _split(sizes, axes) * t) % tp == 0
-  if tensor_axis is not None and spec.path == "dropless" and not split:
-    tensor_axis = None  # tokens that do not split over tensor: every rank runs the whole expert FFN
+  # and tensor ranks meet only around the expert FFN (all-gather rows, reduce-scatter outputs). Tokens that
+  # do not split over tensor: every rank runs the whole expert FFN.
+  split = tensor_axis is not None and spec.path == "dropless"
+  if split and (b // math.prod(sizes[a] for a in axes) * t) % tp:
+    split, tensor_axis = False, None
 
   def local(x, router, experts):
     lb = x.shape[0]

@@ -19,15 +19,11 @@ from jax.ad_checkpoint import checkpoint_name
 
 from moa_jax.ffn import FFNSpec
 from moa_jax.moe.exchange import exchange_ffn, per_pair_capacity
-from moa_jax.moe.grouped import batched_ffn, gate_sums, grouped_ffn, tensor_split_ffn
+from moa_jax.moe.grouped import batched_ffn, gate_sums, grouped_ffn, inverse_permutation, unsorted_ffn
 from moa_jax.moe.router import route, router_losses
 from moa_jax.moe.spec import MoESpec
 
 Array = jax.Array
-
-
-def _inverse(order: Array) -> Array:
-  return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
 
 
 def dropless(x, weights, experts, p, spec: MoESpec, ffn: FFNSpec, axis, shards, transport, tensor_axis):
@@ -43,14 +39,14 @@ def dropless(x, weights, experts, p, spec: MoESpec, ffn: FFNSpec, axis, shards, 
     if tensor_axis is None:
       out, coefs = grouped_ffn(rows, sorted_e, sizes, p, ffn, spec.gmm)
     else:
-      out, coefs = tensor_split_ffn(rows, sorted_e, spec.num_experts, p, ffn, spec.gmm, tensor_axis)
+      out, coefs = unsorted_ffn(rows, sorted_e, spec.num_experts, p, ffn, spec.gmm, tensor_axis)
     out = checkpoint_name(out, "moe_expert_out")
     valid, overflow = jnp.ones((n * k,), bool), None
   else:
     cap = per_pair_capacity(n * k, shards, k, spec.num_experts // shards, spec.buffer_factor)
     out, coefs, valid, overflow = exchange_ffn(rows, sorted_e, sizes, p, ffn, axis=axis, shards=shards, cap=cap,
                                                transport=transport, gmm=spec.gmm, tensor_axis=tensor_axis)
-  out = out[_inverse(order)]                          # back to assignment order
+  out = out[inverse_permutation(order)]                          # back to assignment order
   y = jnp.einsum("NK,NKD->ND", weights, out.reshape(n, k, -1).astype(jnp.float32))
   return y, gate_sums(coefs, valid, ffn.mix == "moa"), None, overflow
 
@@ -64,7 +60,7 @@ def capacity(x, weights, experts, p, spec: MoESpec, ffn: FFNSpec, axis, shards, 
   order = jnp.argsort(flat, stable=True)
   counts = jnp.sum(jax.nn.one_hot(flat, e, dtype=jnp.int32), axis=0)
   position = jnp.arange(k * n) - (jnp.cumsum(counts) - counts)[flat[order]]   # place in its expert's queue
-  position = position[_inverse(order)]
+  position = position[inverse_permutation(order)]
   kept = position < cap
   slot = jnp.where(kept, flat * cap + position, e * cap)                     # e·cap: out of range, dropped
   token = jnp.arange(k * n) % n
