@@ -10,7 +10,6 @@ checkpoint's model config against this one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -28,17 +27,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from moa_jax import checkpoint, loss, optim, profiling, runtime, sharding, startup, summary, wandb_log
-from moa_jax import workdir as workdir_lock
+from moa_jax import actions, workdir as workdir_lock
+from moa_jax.errors import TrainingError
 from moa_jax.health import Health
 from moa_jax.loss import cross_entropy
 from moa_jax.data import make_datasets
-from moa_jax.metrics import MetricsWriter, mix_record, moe_record, peak_flops
-from moa_jax.generate import continue_text
+from moa_jax.metrics import MetricsWriter
 from moa_jax.transformer import Decoder, model_spec
-
-
-class TrainingError(RuntimeError):
-  """A run that cannot start or cannot go on; the message says why and what to do."""
 
 
 @flax.struct.dataclass
@@ -253,31 +248,6 @@ def evaluate(run: Run, eval_fn, params) -> float:
   return evaluate_with_error(run, eval_fn, params)["eval_loss"]
 
 
-def _sample_text(run: Run, params, prompt: str = "def ") -> str:
-  ids = run.data.tokenizer.encode(prompt)
-  return prompt + continue_text(run.model, run.data.tokenizer, params, ids, 48, temperature=0.8, top_k=40,
-                                seed=run.config.train.seed)
-
-
-def _save(ckpt, step, state, data_iter, config, **extra) -> None:
-  """extra: tokens consumed, the health history, the resume_step this run descends from (startup.resume)."""
-  meta = {"step": step, "config": json.loads(config.to_json_best_effort()), **extra,
-          "structure": checkpoint.structure(state), "checksums": checkpoint.checksums(state)}
-  ckpt.save(step, state, data_iter.get_state(), meta)
-
-
-def _diverged(what: str, ckpt, last_good, spike) -> TrainingError:
-  """The stop message for a run whose loss or parameters blew up: which checkpoint to go back to, and how."""
-  if last_good is None:
-    return TrainingError(f"{what}; stopped without saving. Last good checkpoint: none in {ckpt.directory}. "
-                         "Lower optim.lr or raise optim.warmup_steps and rerun (it starts over).")
-  before = f" (the last one before step {spike[0]}: {spike[1]})" if spike else ""
-  return TrainingError(f"{what}; stopped without saving. Last good checkpoint: step {last_good} in "
-                       f"{ckpt.directory}{before}. Lower optim.lr or raise optim.warmup_steps and rerun with "
-                       f"--config.train.resume_step={last_good} (later checkpoints, if any, are moved to "
-                       "checkpoints_superseded/)")
-
-
 def train(config, workdir: str) -> dict:
   """Runs (or resumes) training in `workdir`; returns the last logged record. SIGTERM saves a
   checkpoint at the next step boundary and returns early (the record then has `preempted: True`)."""
@@ -324,96 +294,47 @@ def _train(config, workdir: str, run: Run, main_process: bool) -> dict:
         f"{ckpt.set_aside(step, 'checkpoints_superseded')}")
   if main_process:  # only now that every resume check has passed
     (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
-  health = Health(resumed.meta.get("health") if resumed.meta else None)
-  tokens_at_start, spike = startup.tokens_at(resumed.meta, start), None
-  names = run.model.spec.ffn.activations
   guard = runtime.PreemptionGuard()
   with sharding.mesh_context(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     step_fn = jit_train_step(run)
     eval_fn = jax.jit(make_eval_step(run.model, c.get("loss_chunk", 0)),
                       in_shardings=(run.state_shardings.params, run.batch_sharding))
     writer = MetricsWriter(workdir, c.steps, start, main_process, config)
-    peak = peak_flops(jax.devices()[0])
-    tokens_per_step = c.batch_size * c.seq_len
     writer.print(f"{config.get('name', 'run')}: {run.summary['total_params'] / 1e6:.2f}M parameters, "
                  f"{jax.device_count()} devices in {jax.process_count()} process(es), mesh {dict(run.mesh.shape)}, "
                  f"steps {start} -> {c.steps}" + (f" (resumed from {ckpt.directory}/{start})" if start else ""))
-    last_good, record, window = ckpt.latest_step(), {}, []
-    t_step, timer, estimate = start, profiling.StepTimer(), None
+    timer, record = profiling.StepTimer(), {}
     profiler = profiling.Profiler(c, workdir, writer.print if main_process else print, timer.other)
+    window = actions.Window(Health(resumed.meta.get("health") if resumed.meta else None), ckpt, say)
+    save = actions.Saver(ckpt, data_iter, config, timer, window)
+    log = actions.Logger(run, writer, timer, start, lambda params: evaluate_with_error(run, eval_fn, params),
+                         run.model.spec.ffn.activations)
+    sample = actions.Sampler(run, timer, writer.print)
+    tokens_at = lambda step: startup.tokens_at(resumed.meta, start) + (step - start) * c.batch_size * c.seq_len
     try:
       for step in range(start + 1, c.steps + 1):
         with profiler.step(step):
           with timer.data():
             batch = global_batch(run, next(data_iter))
-          state, metrics = timer.step(step_fn, state, batch, timed=step > start + 1 and (
-              step % c.log_every == 0 or step == c.steps))
+          state, metrics = timer.step(step_fn, state, batch, timed=step > start + 1 and log.due(step))
         profiler.after(step, metrics)
-        window.append(metrics)
-        if step == start + 1:  # exclude compilation from the throughput
-          jax.block_until_ready(metrics["loss"])
-          estimate = profiling.compiled_memory(step_fn.lower(state, batch).compile())["total"] / profiling.GIB
-          timer.restart()
-          t_step = step
+        window.add(metrics)
+        if step == start + 1:
+          log.first_step(step, step_fn, state, batch, metrics)
         preempted = guard.stop_requested(step)
-        log_now = step % c.log_every == 0 or step == c.steps or preempted
-        save_now = ckpt.due(step) or step == c.steps or preempted
+        log_now, save_now = log.due(step) or preempted, save.due(step) or preempted
         if not (log_now or save_now):
           continue
-        last_intermediates = jax.device_get(window[-1]["intermediates"])
-        fetched = jax.device_get([{k: v for k, v in m.items() if k != "intermediates"} for m in window])
-        window = []
-        for i, m in enumerate(fetched):  # the save rule: moa_jax/health.py
-          at, why = step - len(fetched) + i + 1, health.check(float(m["loss"]), float(m["param_norm"]))
-          if not (np.isfinite(m["loss"]) and np.isfinite(m["param_norm"])):
-            what = "loss" if not np.isfinite(m["loss"]) else "param_norm"
-            raise _diverged(f"{what} is {m[what]} at step {at}", ckpt, last_good, spike)
-          if why and spike is None:
-            spike = (at, why)
-            say(f"warning: step {at}: {why}; no checkpoint is saved until the run recovers")
-          elif not why:
-            spike = None
-        tokens = tokens_at_start + (step - start) * tokens_per_step
-        if save_now and spike is not None and (step == c.steps or preempted):
-          raise _diverged(f"step {step} is not fit to save", ckpt, last_good, spike)
-        if save_now and spike is None:
-          with timer.checkpoint():
-            _save(ckpt, step, state, data_iter, config, tokens=tokens, health=health.state(),
-                  resume_step=c.get("resume_step", 0))
-          last_good = step
+        fetched, intermediates = window.flush(step)
+        if save_now:
+          save(step, state, tokens_at(step), final=step == c.steps or preempted)
         if log_now:
-          elapsed = timer.train_sec()  # less checkpoint blocking and sampling
-          tok_s = tokens_per_step * (step - t_step) / elapsed
-          record = {"step": step, "tokens": tokens,
-                    **{k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]},
-                    "tokens_per_sec": tok_s,
-                    "mfu": run.summary["flops_per_token"] * tok_s / (peak * jax.device_count()) if peak else None,
-                    **timer.record(), **profiling.device_memory()}
-          if estimate is not None:  # the first record: XLA's estimate, as --compile_only prints it
-            record["memory_estimate_gib"], estimate = estimate, None
-          gates = mix_record(last_intermediates, names)
-          if gates:
-            record["gates"] = gates
-          gates_std = mix_record(last_intermediates, names, "mix_std")
-          if gates_std:
-            record["gates_std"] = gates_std
-          record.update(moe_record(last_intermediates))
-          if c.eval_every and step % c.eval_every == 0 or step == c.steps:
-            record.update(evaluate_with_error(run, eval_fn, state.params))
-          writer.write(record)
-          eta = (c.steps - step) * elapsed / max(step - t_step, 1)
-          writer.progress(step, loss=f"{record['loss']:.4f}", eval=record.get("eval_loss") and
-                          f"{record['eval_loss']:.4f}", tok_s=f"{tok_s:,.0f}", eta=f"{eta:,.0f}s")
-          timer.restart()
-          t_step = step
+          record = log(step, tokens_at(step), fetched, intermediates, state.params)
         if preempted:
           writer.print(f"{guard.signal_name}: saved step {step} in {ckpt.directory}; rerun the same command to resume")
-          record = {**record, "preempted": True}
-          break
-        if c.sample_every and step % c.sample_every == 0:
-          with timer.other():
-            text = _sample_text(run, state.params)  # every process joins the computation
-          writer.print(f"step {step} sample: {text!r}")
+          return {**record, "preempted": True}
+        if sample.due(step):
+          sample(step, state.params)
     finally:
       profiler.stop()
       ckpt.wait()
