@@ -31,7 +31,7 @@ from moa_jax import checkpoint, loss, optim, profiling, runtime, sharding, start
 from moa_jax import workdir as workdir_lock
 from moa_jax.health import Health
 from moa_jax.loss import cross_entropy
-from moa_jax.data import make_datasets
+from moa_jax.data import epochs, make_datasets
 from moa_jax.metrics import MetricsWriter, mix_record, moe_record, peak_flops
 from moa_jax.generate import continue_text
 from moa_jax.transformer import Decoder, model_spec
@@ -338,6 +338,8 @@ def _train(config, workdir: str, run: Run, main_process: bool) -> dict:
     writer.print(f"{config.get('name', 'run')}: {run.summary['total_params'] / 1e6:.2f}M parameters, "
                  f"{jax.device_count()} devices in {jax.process_count()} process(es), mesh {dict(run.mesh.shape)}, "
                  f"steps {start} -> {c.steps}" + (f" (resumed from {ckpt.directory}/{start})" if start else ""))
+    for line in epochs.describe(run.data.train_tokens, c.steps, c.batch_size, c.seq_len, config.data.source):
+      writer.print(line)
     last_good, record, window = ckpt.latest_step(), {}, []
     t_step, timer, estimate = start, profiling.StepTimer(), None
     profiler = profiling.Profiler(c, workdir, writer.print if main_process else print, timer.other)
