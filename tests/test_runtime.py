@@ -153,3 +153,13 @@ def test_a_gke_tpu_slice_is_found_from_its_environment():
                                 MEGASCALE_NUM_SLICES="1", MEGASCALE_SLICE_ID="0", JAX_COORDINATOR_PORT=str(port))
                      for i in range(2)])
   assert [s[:4] for s in seen] == [["0", "2", "8", "16"], ["1", "2", "8", "16"]]
+
+
+def test_a_gs_workdir_without_gcsfs_is_one_line_before_anything_runs(monkeypatch, debug_config):
+  from moa_jax import train
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gcsfs" else find_spec(name, *a))
+  with pytest.raises(train.TrainingError) as e:
+    train.train(debug_config, "gs://bucket/run")
+  assert str(e.value) == ('workdir=gs://bucket/run is on Google Cloud Storage, which needs gcsfs; install it with '
+                          'pip install -e ".[gcs]" (or ".[tpu]" on a TPU VM)')
