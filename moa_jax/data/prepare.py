@@ -45,8 +45,8 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 from absl import logging
 from etils import epath
 import numpy as np
-import tqdm
 
+from moa_jax import progress
 from moa_jax.data import atomic, corpus, shards
 from moa_jax.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
@@ -194,7 +194,7 @@ def _write_shards(directory: epath.Path, mine: list[_Shard], count: int, tok: To
   if not todo:
     return
   dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-  with tqdm.tqdm(desc=f"tokenize {len(todo)} of {count} shards",
+  with progress.bar(desc=f"tokenize {len(todo)} of {count} shards",
                  total=sum(s.n_bytes for s in todo), unit="B", unit_scale=True) as bar, \
        concurrent.futures.ThreadPoolExecutor(_IN_FLIGHT) as pool:
     futures = [pool.submit(_write_shard, directory, s, count, tok, dtype, val_percent, bar.update)
