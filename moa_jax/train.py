@@ -468,6 +468,9 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines out of the progress bar
   startup.quiet_storage_logs()  # a full disk ends in one line, not a traceback per background writer
   f = flags.FLAGS
+  if f.print_config:  # the config after every --config.* override, as YAML; nothing runs
+    print(f.config, end="")
+    return
   try:
     runtime.initialize(f.coordinator_address, f.num_processes, f.process_id)
     if f.compile_only:
@@ -493,6 +496,7 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tb/ (a gs:// path works).")
   flags.DEFINE_bool("compile_only", False, "Compile the train step for the mesh, print memory per device, exit.")
+  flags.DEFINE_bool("print_config", False, "Print the resolved config (file plus overrides) and exit.")
   flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-process runs.")
   flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
   flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
