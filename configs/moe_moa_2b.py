@@ -9,10 +9,15 @@ Expect: 1.98B parameters, 0.63B active per token (3.0M of them expert gates: eve
 compare at equal compute (the paper reports that the MoA gain persists in 0.25B–2B MoE models). metrics.jsonl adds
 aux_loss (the mean over MoE layers: ≈ 1 when balanced), z_loss and per-layer
 expert_load_max / expert_load_min (0.125 when balanced).
+Data: FineWeb-Edu as Parquet (data.source = FINEWEB_EDU); the default 20,000 steps × 256 × 2048 read 10.5B
+tokens, about 0.1 epoch of it. Fetch and prepare it first: docs/data.md, "A real corpus".
 """
 
 from moa_jax import presets
+from moa_jax.data.config import FINEWEB_EDU
 
 
 def get_config():
-  return presets.lm_config(size="moe_2b_a0.6b", ffn="bimoa")
+  c = presets.lm_config(size="moe_2b_a0.6b", ffn="bimoa")
+  c.data.source = FINEWEB_EDU
+  return c

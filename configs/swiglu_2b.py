@@ -3,10 +3,15 @@
 Run:
   python -m moa_jax.train --config=configs/swiglu_2b.py --workdir=gs://bucket/swiglu_2b
 Expect: 2.07B parameters, 13.4 GFLOP per training token at T=2048.
+Data: FineWeb-Edu as Parquet (data.source = FINEWEB_EDU); the default 20,000 steps × 256 × 2048 read 10.5B
+tokens, about 0.1 epoch of it. Fetch and prepare it first: docs/data.md, "A real corpus".
 """
 
 from moa_jax import presets
+from moa_jax.data.config import FINEWEB_EDU
 
 
 def get_config():
-  return presets.lm_config(size="2b", ffn="swiglu")
+  c = presets.lm_config(size="2b", ffn="swiglu")
+  c.data.source = FINEWEB_EDU
+  return c

@@ -12,6 +12,16 @@
 #   gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=0 --command='tail -f ~/train.log'
 # Preemption: the TPU runtime sends SIGTERM; every host saves the step it is on and exits 0. Run this
 # script again to resume from the newest complete checkpoint.
+# Data: the 2B configs read FineWeb-Edu as Parquet (docs/data.md, "A real corpus"). Prepare it once into a
+# gs:// cache from worker 0 (the same user, so the same ~ path as training; the default boot disk holds
+# sample/10BT, a larger one or a mounted disk sample/100BT), then pass CACHE so every worker reads that copy:
+#   gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=0 --command='cd ~/moa_jax && . .venv/bin/activate &&
+#     pip install -q huggingface_hub && hf download HuggingFaceFW/fineweb-edu --repo-type=dataset
+#     --include="sample/100BT/*" --local-dir=$HOME/data/fineweb-edu && python -m moa_jax.data.prepare
+#     --source="parquet:~/data/fineweb-edu/sample/100BT/*.parquet" --vocab_size=32000 --cache_dir=gs://BUCKET/cache'
+#   CACHE=gs://BUCKET/cache experiments/tpu_pod.sh configs/moa_2b.py ...
+# TPU VM images run Ubuntu 22.04, whose python3 is 3.10; moa_jax needs >= 3.11, so the install step uses
+# python3.12 or python3.11 where present and installs python3.11 from Ubuntu's packages otherwise.
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${RUNS:?set RUNS (e.g. gs://bucket/moa)}"
 CONFIG=${1:?usage: experiments/tpu_pod.sh CONFIG [--config.k=v ...]}
@@ -31,11 +41,16 @@ tar -C "$repo" --exclude=.venv --exclude=.git --exclude=runs -czf /tmp/moa_jax.t
 "${tpu[@]}" scp /tmp/moa_jax.tgz "$TPU_NAME":~/ --zone="$ZONE" --worker=all
 "${tpu[@]}" ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
   set -e; mkdir -p ~/moa_jax && tar -C ~/moa_jax -xzf ~/moa_jax.tgz && cd ~/moa_jax
-  [ -d .venv ] || python3 -m venv .venv
-  . .venv/bin/activate && pip install -q -e . 'jax[tpu]' gcsfs"
+  PY=\$(command -v python3.12 || command -v python3.11 || true)
+  if [ -z \"\$PY\" ]; then
+    sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 python3.11-venv && PY=python3.11
+  fi
+  [ -d .venv ] || \$PY -m venv .venv
+  . .venv/bin/activate && pip install -q -U pip && pip install -q -e '.[tpu]'"
 
-# Every host prepares the same corpus and tokenizer (deterministic) in its local cache, then trains.
-args=$(printf ' %q' "$@")
+# With CACHE every host reads the prepared copy; without it every host prepares the same corpus and tokenizer
+# (deterministic) in its local cache, from source files that must then be on every worker.
+args=$(printf ' %q' "$@" ${CACHE:+--config.data.cache_dir=$CACHE})
 "${tpu[@]}" ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
   cd ~/moa_jax && . .venv/bin/activate &&
   nohup python -m moa_jax.train --config=$CONFIG --workdir=$RUNS/$RUN_NAME $args > ~/train.log 2>&1 &"

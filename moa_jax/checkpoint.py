@@ -4,7 +4,8 @@ Saves are asynchronous; Orbax writes each step to a temporary directory and rena
 so `latest_step()` only ever sees finished checkpoints. The metadata holds the run's config (which a
 resuming run compares with its own before compiling anything), the state's structure (leaf paths,
 shapes, dtypes: a changed optimizer is told apart from a damaged checkpoint), and a checksum of every
-leaf of the state (restored contents are verified: flipped bits send the restore to an older step).
+leaf of the state, weighted by position so that swapped elements count too (restored contents are
+verified: flipped bits send the restore to an older step). Orbax itself checksums only its index.
 """
 
 from __future__ import annotations
@@ -32,17 +33,34 @@ def structure(tree) -> list[str]:
 
 
 @jax.jit
-def _checksums(tree):
-  """One uint32 per leaf: the wrapping sum of its elements' bit patterns. Any single flipped bit changes
-  it (by ±2^k mod 2^32), and the order of the reduction does not matter, so any sharding agrees."""
+def _sums(tree):
+  """Checkpoints before the weighted sum: one uint32 per leaf, the wrapping sum of its elements' bit patterns."""
   def leaf(x):
-    bits = jax.lax.bitcast_convert_type(x, _UNSIGNED[jnp.dtype(x.dtype).itemsize]).astype(jnp.uint32)
-    return jnp.sum(bits, dtype=jnp.uint32)
+    return jnp.sum(_bits(x), dtype=jnp.uint32)
   return jax.tree.map(leaf, tree)
 
 
-def checksums(tree) -> list[int]:
-  return [int(v) for v in jax.tree.leaves(jax.device_get(_checksums(tree)))]
+@jax.jit
+def _weighted_sums(tree):
+  """One uint32 per leaf: Σ_i (2i + 1)·bits_i mod 2^32, i the element's flat index. A flipped bit changes
+  it (by an odd multiple of 2^k); swapping elements a and b at i and j changes it by 2(a − b)(i − j), which
+  a plain sum cannot see; a sum's order does not matter, so every sharding agrees."""
+  def leaf(x):
+    weights = 2 * jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape) + 1
+    return jnp.sum(_bits(x) * weights, dtype=jnp.uint32)
+  return jax.tree.map(leaf, tree)
+
+
+def _bits(x):
+  return jax.lax.bitcast_convert_type(x, _UNSIGNED[jnp.dtype(x.dtype).itemsize]).astype(jnp.uint32)
+
+
+_KINDS = {"sum": _sums, "weighted_sum": _weighted_sums}
+
+
+def checksums(tree, kind: str = "weighted_sum") -> dict:
+  """What the metadata stores: {'kind', 'values': one uint32 per leaf}."""
+  return {"kind": kind, "values": [int(v) for v in jax.tree.leaves(jax.device_get(_KINDS[kind](tree)))]}
 
 
 def _free_name(path: str) -> str:
@@ -116,14 +134,16 @@ class Checkpoints:
   def read_meta(self, step: int) -> dict:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def restore(self, step: int, abstract_state, expected: list[int] | None = None):
+  def restore(self, step: int, abstract_state, expected: dict | list[int] | None = None):
     """abstract_state: ShapeDtypeStructs with shardings; expected: the checksums saved in the meta (None:
     a checkpoint from before checksums, not verified). Returns (state, data_state); raises
     CorruptCheckpoint when the restored contents differ from what was saved."""
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     if expected is not None:
-      got = checksums(out["state"])
+      if not isinstance(expected, dict):  # a checkpoint from before the weighted sum: a list of plain sums
+        expected = {"kind": "sum", "values": expected}
+      got, expected = checksums(out["state"], expected["kind"])["values"], expected["values"]
       bad = [name for name, a, b in zip(structure(abstract_state), got, expected) if a != b]
       if len(got) != len(expected) or bad:
         raise CorruptCheckpoint(f"checksum mismatch in {len(bad)} array(s), first {bad[:1]}")

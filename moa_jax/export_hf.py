@@ -88,9 +88,10 @@ def hf_config(config, eos_id: int, dtype: str) -> dict:
   }
   if not is_llama(ffn):
     out.update({
-        "architectures": ["MoaLlamaForCausalLM"], "model_type": "moa_llama",
-        "auto_map": {"AutoConfig": "modeling_moa_llama.MoaLlamaConfig",
-                     "AutoModelForCausalLM": "modeling_moa_llama.MoaLlamaForCausalLM"},
+        # model_type llama: AutoConfig (and so AutoTokenizer, which reads the config first) needs no remote
+        # code; only the model class does.
+        "architectures": ["MoaLlamaForCausalLM"],
+        "auto_map": {"AutoModelForCausalLM": "modeling_moa_llama.MoaLlamaForCausalLM"},
         "moa_ffn": {"type": ffn.type, "mix": ffn.mix, "activations": list(ffn.activations), "sides": ffn.sides,
                     "gate": ffn.gate, "gate_bias": bool(ffn.gate_bias), "groups": ffn.groups},
     })
@@ -167,6 +168,9 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
   parent = os.path.dirname(os.path.abspath(out))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=parent)
+  umask = os.umask(0o22)  # mkdtemp makes 0700; the finished folder gets the mode os.makedirs would give
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)
   try:
     tokenizer_files(tok, config.train.seq_len, tmp)
     hf = hf_config(config, tok.eos_id, dtype)

@@ -10,7 +10,7 @@ import os
 import jax
 import numpy as np
 
-from moa_jax import wandb_log
+from moa_jax import progress, wandb_log
 
 # Dense bf16 peak FLOP/s per chip (datasheets), for MFU. Unknown devices report mfu = null.
 PEAK_FLOPS = {
@@ -147,8 +147,7 @@ class MetricsWriter:
       self._tb = None
     if config is not None and wandb_log.enabled(config):
       self._wandb = wandb_log.WandbSink(workdir, config)
-    from tqdm.auto import tqdm
-    self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, smoothing=0.1)
+    self._bar = progress.bar(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, smoothing=0.1)
 
   def write(self, record: dict) -> None:
     """record: a flat-ish dict with 'step'; scalar values go to TensorBoard too."""

@@ -14,6 +14,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from moa_jax import runtime
+
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 BATCH_AXES = ("data", "fsdp", "expert")  # the batch is split over every data-like axis
 
@@ -59,7 +61,11 @@ def mesh_shape(mesh_config, n_devices: int) -> tuple[int, ...]:
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
-  shape = mesh_shape(mesh_config, len(devices))
+  try:
+    shape = mesh_shape(mesh_config, len(devices))
+  except ValueError as e:
+    needed = math.prod(int(mesh_config[a]) for a in MESH_AXES if int(mesh_config[a]) > 0)
+    raise ValueError(f"{e}{runtime.accelerator_hint(needed, devices)}") from None
   try:
     grid = mesh_utils.create_device_mesh(shape, devices)
   except (ValueError, AssertionError, NotImplementedError):

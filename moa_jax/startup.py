@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import importlib.util
 import json
 import os
 import re
@@ -62,6 +63,14 @@ def check_config(config) -> None:
     field = "model.dtype" if config.model.dtype == "float16" else "model.param_dtype"
     raise StartupError(f"{field} = 'float16' is not supported on CPU (XLA:CPU has no fast float16 and "
                        "training in it overflows); use float32 or bfloat16")
+
+
+def check_object_store(**paths: str) -> None:
+  """A gs:// path needs gcsfs (etils reads and writes object stores through it): say so before anything runs."""
+  remote = [f"{name}={value}" for name, value in paths.items() if str(value or "").startswith("gs://")]
+  if remote and importlib.util.find_spec("gcsfs") is None:
+    raise StartupError(f"{', '.join(remote)} is on Google Cloud Storage, which needs gcsfs; install it with "
+                       f"pip install -e \".[gcs]\" (or \".[tpu]\" on a TPU VM)")
 
 
 def _flat(config: dict, prefix: str = "") -> dict:

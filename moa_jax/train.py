@@ -31,7 +31,7 @@ from moa_jax import actions, workdir as workdir_lock
 from moa_jax.errors import TrainingError
 from moa_jax.health import Health
 from moa_jax.loss import cross_entropy
-from moa_jax.data import make_datasets
+from moa_jax.data import epochs, make_datasets
 from moa_jax.metrics import MetricsWriter
 from moa_jax.transformer import Decoder, model_spec
 
@@ -253,6 +253,7 @@ def train(config, workdir: str) -> dict:
   checkpoint at the next step boundary and returns early (the record then has `preempted: True`)."""
   try:
     startup.check_config(config)
+    startup.check_object_store(workdir=workdir, **{f"data.{k}": config.data[k] for k in ("cache_dir", "tokenizer")})
     wandb_log.check(config)
     run = build(config)
   except (ValueError, startup.StartupError) as e:  # config validation: a message naming the field and the fix
@@ -303,6 +304,8 @@ def _train(config, workdir: str, run: Run, main_process: bool) -> dict:
     writer.print(f"{config.get('name', 'run')}: {run.summary['total_params'] / 1e6:.2f}M parameters, "
                  f"{jax.device_count()} devices in {jax.process_count()} process(es), mesh {dict(run.mesh.shape)}, "
                  f"steps {start} -> {c.steps}" + (f" (resumed from {ckpt.directory}/{start})" if start else ""))
+    for line in epochs.describe(run.data.train_tokens, c.steps, c.batch_size, c.seq_len, config.data.source):
+      writer.print(line)
     timer, record = profiling.StepTimer(), {}
     profiler = profiling.Profiler(c, workdir, writer.print if main_process else print, timer.other)
     window = actions.Window(Health(resumed.meta.get("health") if resumed.meta else None), ckpt, say)
@@ -386,6 +389,9 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines out of the progress bar
   startup.quiet_storage_logs()  # a full disk ends in one line, not a traceback per background writer
   f = flags.FLAGS
+  if f.print_config:  # the config after every --config.* override, as YAML; nothing runs
+    print(f.config, end="")
+    return
   try:
     runtime.initialize(f.coordinator_address, f.num_processes, f.process_id)
     if f.compile_only:
@@ -411,6 +417,7 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tb/ (a gs:// path works).")
   flags.DEFINE_bool("compile_only", False, "Compile the train step for the mesh, print memory per device, exit.")
+  flags.DEFINE_bool("print_config", False, "Print the resolved config (file plus overrides) and exit.")
   flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-process runs.")
   flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
   flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")

@@ -9,6 +9,11 @@ second can both pass.
 
 Released on exit, including SIGTERM/Ctrl-C; a second run on a held directory stops with one line
 naming the holder.
+
+Why not the `filelock` package: its FileLock is the same flock, and its SoftFileLock (4.x) judges a
+holder stale by pid and host, but both open paths with os.open, so neither reaches a gs:// work
+directory, and FileLock keeps no holder to name. Using it would mean this module's object-store path
+beside a second mechanism for local disks, for no behaviour gained.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def test_dense_glu_is_llama_with_equal_logits(hf, tmp_path, data_cache, ffn, mod
     pytest.param("la_mlp", {}, marks=pytest.mark.slow),                                    # Type-I LA
     pytest.param("gelu_mlp", {"activations": ("gelu",), "primary": "gelu"}, marks=pytest.mark.slow),  # Type-I
 ])
-def test_mixed_and_type1_ffns_load_as_custom_code_with_equal_logits(hf, tmp_path, data_cache, ffn, model):
+def test_mixed_and_type1_ffns_load_as_custom_code_with_equal_logits(hf, tmp_path, data_cache, ffn, model, capsys):
   run, params = make_checkpoint(tmp_path / "run", data_cache, ffn, **model)
   out = str(tmp_path / "hf")
   assert export_hf.export(str(tmp_path / "run"), out)["architecture"] == "MoaLlamaForCausalLM"
@@ -110,6 +110,14 @@ def test_mixed_and_type1_ffns_load_as_custom_code_with_equal_logits(hf, tmp_path
   assert np.max(np.abs(ours - theirs)) < TOL, np.max(np.abs(ours - theirs))
   # The mixing parameters are loaded, not left at their initial values.
   assert sum(p.numel() for p in hf_model.parameters()) == sum(np.size(p) for p in jax.tree.leaves(params))
+  # The tokenizer needs no remote code (no y/N prompt without trust_remote_code), and the folder follows umask.
+  capsys.readouterr()
+  tok = hf[1].AutoTokenizer.from_pretrained(out)
+  assert "custom code" not in capsys.readouterr().out
+  assert tok.encode("def f(x):\n") == run.data.tokenizer.encode("def f(x):\n")
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask
 
 
 @pytest.mark.slow

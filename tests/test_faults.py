@@ -442,3 +442,17 @@ def test_train_imports_neither_sample_nor_rundir():
           "print([m for m in ('moa_jax.sample', 'moa_jax.rundir', 'moa_jax.eval') if m in sys.modules])")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
+
+
+def test_the_checksum_sees_a_flipped_bit_and_swapped_elements_and_reads_old_checkpoints():
+  import numpy as np
+  from moa_jax import checkpoint
+  x = np.arange(12, dtype=np.float32).reshape(3, 4) + 0.5
+  swapped = x.copy()
+  swapped[0, 1], swapped[2, 3] = x[2, 3], x[0, 1]
+  flipped = x.view(np.uint32).copy()
+  flipped[1, 2] ^= 1 << 7
+  base = checkpoint.checksums({"w": x})
+  assert base["kind"] == "weighted_sum"
+  assert checkpoint.checksums({"w": swapped}) != base and checkpoint.checksums({"w": flipped.view(np.float32)}) != base
+  assert checkpoint.checksums({"w": swapped}, "sum")["values"] == checkpoint.checksums({"w": x}, "sum")["values"]

@@ -2,6 +2,11 @@
 
 import ml_collections
 
+# FineWeb-Edu's 100B-token sample (HuggingFaceFW/fineweb-edu, sample/100BT) as Parquet: the large presets'
+# corpus. Fetch it with `hf download HuggingFaceFW/fineweb-edu --repo-type=dataset --include='sample/100BT/*'
+# --local-dir=$HOME/data/fineweb-edu`, then prepare it (docs/data.md, "A real corpus").
+FINEWEB_EDU = "parquet:~/data/fineweb-edu/sample/100BT/*.parquet"
+
 
 def default_data_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()

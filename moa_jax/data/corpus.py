@@ -39,6 +39,8 @@ import sys
 import sysconfig
 from typing import Any, Callable, Iterator, NamedTuple
 
+from moa_jax.data import hf
+
 SPLITS = ("train", "val")
 # Installed third-party code (varies by machine), and encodings/: 1.5 MB of generated 256-entry codec
 # tables ("0x00c0: 0x0410,  # CYRILLIC CAPITAL LETTER A") that a small model learns first and then
@@ -59,6 +61,12 @@ class MissingPackageError(ImportError, ValueError):
 class Document(NamedTuple):
   key: str   # stable id: path relative to the source root, plus ':<row>' for records
   text: str
+  split: str | None = None  # 'train' / 'val' from a dataset's own splits (hf.py); None: split by hash
+
+
+def split_of(doc: Document, val_percent: float) -> str:
+  """The split a document goes to: its dataset's own, else data.val_percent of documents by hash."""
+  return doc.split or ("val" if in_validation(doc.key, val_percent) else "train")
 
 
 def parse_source(spec: str) -> tuple[str, str]:
@@ -106,9 +114,11 @@ def source_files(spec: str) -> SourceFiles:
 
 def file_documents(kind: str, path: str, root: str, text_field: str) -> Iterator[Document]:
   """The non-empty documents of one source file, of both splits, in file order."""
-  for key, text in _READERS[kind](path, _relative(path, root), text_field):
+  relative = _relative(path, root)
+  own = hf.split_of(relative) if kind == "hf" and hf.has_validation(root) else None
+  for key, text in _READERS[kind](path, relative, text_field):
     if text:
-      yield Document(key, text)
+      yield Document(key, text, own)
 
 
 def documents(spec: str, split: str, *, val_percent: float, max_bytes: int = 0,
@@ -123,7 +133,7 @@ def documents(spec: str, split: str, *, val_percent: float, max_bytes: int = 0,
   n_bytes = 0
   for path in source.files:
     for doc in file_documents(source.kind, path, source.root, text_field):
-      if in_validation(doc.key, val_percent) != (split == "val"):
+      if split_of(doc, val_percent) != split:
         continue
       yield doc
       n_bytes += len(doc.text.encode("utf-8"))
@@ -171,9 +181,10 @@ def _is_hf_dataset(directory: str) -> bool:
 def _hf_files(spec: str, directory: str) -> list[str]:
   """A `datasets` directory's data files: save_to_disk's Arrow files, else its Parquet files.
 
-  A DatasetDict (dataset_dict.json) is read through its 'train' split; Parquet files named for
-  splits (the Hub's data/train-00000-of-00002.parquet, or .../train/0000.parquet) are read for
-  'train' only. moa_jax makes its own validation split from what is read (data.val_percent).
+  A DatasetDict (dataset_dict.json) is read through its 'train' split, and its validation split when it
+  has one (hf.VAL_SPLITS); Parquet files named for splits (the Hub's data/train-00000-of-00002.parquet,
+  or .../train/0000.parquet) likewise. With a validation split, documents keep the dataset's own split
+  (hf.py); otherwise moa_jax makes one from what is read (data.val_percent).
   """
   if not os.path.isdir(directory):
     raise ValueError(f"data.source = {spec!r}: {directory} is not a directory; give hf:DIR, where "
@@ -189,13 +200,15 @@ def _hf_files(spec: str, directory: str) -> list[str]:
     if "train" not in splits:
       raise ValueError(f"data.source = {spec!r} is a DatasetDict without a 'train' split; name one "
                        f"of its splits {splits}: hf:{os.path.join(directory, '<split>')}")
-    return _hf_files(spec, os.path.join(directory, "train"))
+    val = hf.dict_validation_split(directory)  # read too, as the validation split
+    return _hf_files(spec, os.path.join(directory, "train")) + (
+        _hf_files(spec, os.path.join(directory, val)) if val else [])
   files = sorted(glob.glob(os.path.join(directory, "*.arrow")))
   if not files:
     files = sorted(glob.glob(os.path.join(directory, "**", "*.parquet"), recursive=True))
-    train = [p for p in files if os.path.basename(p).startswith("train")
-             or "train" in pathlib.Path(os.path.relpath(p, directory)).parts[:-1]]
-    files = train or files
+    splits = [hf.split_of(os.path.relpath(p, directory)) for p in files]
+    if "train" in splits:  # the train split, and the validation split when there is one
+      files = [p for p, split in zip(files, splits) if split in ("train", "val")]
   if not files:
     raise ValueError(f"data.source = {spec!r} holds no .arrow or .parquet files; give a directory "
                      f"written by Dataset.save_to_disk or holding Parquet files")

@@ -45,9 +45,9 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 from absl import logging
 from etils import epath
 import numpy as np
-import tqdm
 
-from moa_jax.data import atomic, corpus, shards
+from moa_jax import progress
+from moa_jax.data import atomic, corpus, hf, shards
 from moa_jax.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 VERSION = 3  # 3: sharded token files with an index; 2: the stdlib corpus leaves out encodings/
@@ -105,7 +105,9 @@ def prepare(source: str, vocab_size: int, cache_dir: str, tokenizer: str | None 
       "max_bytes": max_bytes or 0,
       "text_field": text_field,
   }
-  kind, _ = corpus.parse_source(source)
+  kind, pattern = corpus.parse_source(source)
+  if kind == "hf" and hf.has_validation(os.path.expanduser(pattern)):
+    key["own_splits"] = True  # validated on the dataset's own split, not data.val_percent of it
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
   name = f"{kind}-{'tok' if tokenizer else f'bpe{vocab_size}'}-{digest}"
   directory = epath.Path(cache_dir or default_cache_root()) / name
@@ -194,7 +196,7 @@ def _write_shards(directory: epath.Path, mine: list[_Shard], count: int, tok: To
   if not todo:
     return
   dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-  with tqdm.tqdm(desc=f"tokenize {len(todo)} of {count} shards",
+  with progress.bar(desc=f"tokenize {len(todo)} of {count} shards",
                  total=sum(s.n_bytes for s in todo), unit="B", unit_scale=True) as bar, \
        concurrent.futures.ThreadPoolExecutor(_IN_FLIGHT) as pool:
     futures = [pool.submit(_write_shard, directory, s, count, tok, dtype, val_percent, bar.update)
@@ -213,7 +215,7 @@ def _write_shard(directory: epath.Path, shard: _Shard, count: int, tok: Tokenize
                                  dtype, progress) for split in corpus.SPLITS}
   try:
     for doc in shard.documents():
-      writers["val" if corpus.in_validation(doc.key, val_percent) else "train"].add(doc.text)
+      writers[corpus.split_of(doc, val_percent)].add(doc.text)
     counts = {split: writer.close() for split, writer in writers.items()}
   except BaseException:
     for writer in writers.values():
