@@ -17,10 +17,7 @@ Resuming (README, "Training runs", has the table):
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
-import os
-import re
 from typing import Any, Callable
 
 import jax
@@ -194,96 +191,3 @@ def _notes(diff, meta: dict, config, step: int) -> list[str]:
   if rest:
     notes.append("note: resuming with changed settings: " + "; ".join(f"{f} {a!r} -> {b!r}" for f, a, b in rest))
   return notes
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing (app.run's flags_parser) with one-line errors for a mistyped `--config.x` field
-  (with ml_collections' suggestion), a config file that is missing or fails to load, and a bad value."""
-  from absl import flags
-  config_arg = next((a for a in argv[1:] if a.startswith("--config=")), "--config")
-  try:
-    rest = flags.FLAGS(argv)
-    config = flags.FLAGS["config"].value
-    if config is not None:
-      config.keys()  # a file that failed to load raises on first use: make that happen here
-    return rest
-  except flags.Error as e:
-    raise SystemExit(f"error: {e}") from None
-  except (AttributeError, KeyError) as e:  # an override names a field the config does not have
-    text = str(e.args[0] if e.args else e)
-    bad = re.match(r"""\W*(\w+)""", text)
-    arg = next((a for a in argv[1:] if bad and re.search(rf"\.{bad.group(1)}(=|$)", a)), None)
-    hint = re.search(r'Did you mean "(\w+)"', text)
-    if arg and hint:
-      name = arg.split("=")[0]
-      fix = name[:name.rindex(".") + 1] + hint.group(1)
-      raise SystemExit(f"error: {name}: the config has no such field; did you mean {fix}?") from None
-    raise SystemExit(f"error: {arg or 'a --config override'}: the config has no such field "
-                     f"({text.splitlines()[0]}); the config file lists the fields") from None
-  except OSError as e:
-    path = config_arg.partition("=")[2].split(":")[0]
-    if path and not os.path.exists(path):
-      raise SystemExit(f"error: {config_arg}: no such file; the configs are in configs/ "
-                       f"(e.g. --config=configs/debug.py)") from None
-    raise SystemExit(f"error: {config_arg} could not be loaded: {str(e).strip().splitlines()[-1]}") from None
-  except SyntaxError as e:  # the config file itself is not valid Python
-    raise SystemExit(f"error: {config_arg} does not load: SyntaxError at line {e.lineno}: {e.msg}; "
-                     "fix the file (configs/*.py are examples)") from None
-  except Exception as e:  # get_config() (or the file's top level) raised: name it instead of a traceback
-    raise SystemExit(f"error: {config_arg} does not load: {type(e).__name__}: {e}; "
-                     "fix the file (configs/*.py are examples)") from None
-
-
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
-def storage_error(error: BaseException) -> OSError | None:
-  """The disk-full / read-only / permission OSError behind `error` (Orbax wraps its writers' errors),
-  or None."""
-  seen = error
-  while seen is not None:
-    if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
-      return seen
-    code = re.search(r"\[os_error_code='(\d+)'\]", str(seen))  # TensorStore's (Orbax's array writer) form
-    if code and int(code.group(1)) in STORAGE_ERRNOS:
-      path = re.search(r'Failed writing: "([^"]+)"', str(seen))
-      return OSError(int(code.group(1)), os.strerror(int(code.group(1))), path.group(1) if path else None)
-    seen = seen.__cause__ or seen.__context__
-  return None
-
-
-def storage_message(error: OSError, workdir: str) -> str:
-  where = error.filename or workdir
-  fixes = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (quota)",
-           errno.EROFS: "use a writable --workdir"}
-  fix = fixes.get(error.errno, "make it writable or use another --workdir")
-  return (f"error: cannot write {where}: {error.strerror}; {fix}, then rerun the same command: it resumes "
-          "from the newest complete checkpoint (checkpoints and metrics already written are intact)")
-
-
-class _DropStorageErrors:
-  """A logging filter: drops the error records (with tracebacks) that Orbax's and asyncio's background
-  threads log when a write fails for lack of space or permission; the run then stops with one line
-  (storage_message) that says the same."""
-
-  def filter(self, record) -> bool:
-    exc = record.exc_info[1] if record.exc_info else None
-    text = record.getMessage()
-    return not (storage_error(exc) is not None if exc else False) and not any(
-        s in text for s in ("No space left on device", "Read-only file system", "Disk quota exceeded",
-                            *(f"os_error_code='{n}'" for n in STORAGE_ERRNOS)))
-
-
-def quiet_storage_logs() -> None:
-  """Installs the filter above, and drops the 'Event loop is closed' errors that TensorStore's writer
-  threads print (through sys.excepthook) when a failed Orbax save has already closed its event loop."""
-  import logging as std_logging
-  import sys
-  for handler in std_logging.getLogger().handlers:
-    handler.addFilter(_DropStorageErrors())
-  previous = sys.excepthook
-
-  def hook(kind, value, tb):
-    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
-      previous(kind, value, tb)
-  sys.excepthook = hook

@@ -27,7 +27,7 @@ from flax.core import meta
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from moa_jax import checkpoint, loss, optim, profiling, runtime, sharding, startup, summary, wandb_log
+from moa_jax import checkpoint, cli, loss, optim, profiling, runtime, sharding, startup, summary, wandb_log
 from moa_jax import workdir as workdir_lock
 from moa_jax.health import Health
 from moa_jax.loss import cross_entropy
@@ -39,6 +39,10 @@ from moa_jax.transformer import Decoder, model_spec
 
 class TrainingError(RuntimeError):
   """A run that cannot start or cannot go on; the message says why and what to do."""
+
+
+class Diverged(TrainingError):
+  """The loss or the parameters blew up: the run stopped without saving the bad state."""
 
 
 @flax.struct.dataclass
@@ -266,13 +270,13 @@ def _save(ckpt, step, state, data_iter, config, **extra) -> None:
   ckpt.save(step, state, data_iter.get_state(), meta)
 
 
-def _diverged(what: str, ckpt, last_good, spike) -> TrainingError:
+def _diverged(what: str, ckpt, last_good, spike) -> Diverged:
   """The stop message for a run whose loss or parameters blew up: which checkpoint to go back to, and how."""
   if last_good is None:
-    return TrainingError(f"{what}; stopped without saving. Last good checkpoint: none in {ckpt.directory}. "
+    return Diverged(f"{what}; stopped without saving. Last good checkpoint: none in {ckpt.directory}. "
                          "Lower optim.lr or raise optim.warmup_steps and rerun (it starts over).")
   before = f" (the last one before step {spike[0]}: {spike[1]})" if spike else ""
-  return TrainingError(f"{what}; stopped without saving. Last good checkpoint: step {last_good} in "
+  return Diverged(f"{what}; stopped without saving. Last good checkpoint: step {last_good} in "
                        f"{ckpt.directory}{before}. Lower optim.lr or raise optim.warmup_steps and rerun with "
                        f"--config.train.resume_step={last_good} (later checkpoints, if any, are moved to "
                        "checkpoints_superseded/)")
@@ -463,27 +467,15 @@ def format_memory(config, mem: dict) -> str:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines out of the progress bar
-  startup.quiet_storage_logs()  # a full disk ends in one line, not a traceback per background writer
+  cli.quiet_background_errors()  # a failed save ends in one line, not a traceback per background writer
   f = flags.FLAGS
-  try:
-    runtime.initialize(f.coordinator_address, f.num_processes, f.process_id)
-    if f.compile_only:
-      print(format_memory(f.config, compile_only(f.config)))
-      return
-    if not f.workdir:
-      raise TrainingError("--workdir is required to train (only --compile_only runs without one)")
-    train(f.config, f.workdir)
-  except KeyboardInterrupt:
-    raise SystemExit("error: interrupted (Ctrl-C before training began, or a second one): stopped without "
-                     "saving; the checkpoints already saved are intact, and rerunning the same command resumes "
-                     "from the newest") from None
-  except Exception as e:
-    full = startup.storage_error(e)  # a full disk or read-only workdir, however deep Orbax wrapped it
-    if full is not None:
-      raise SystemExit(startup.storage_message(full, f.workdir)) from None
-    if isinstance(e, (TrainingError, ValueError)):
-      raise SystemExit(f"error: {e}") from None
-    raise
+  runtime.initialize(f.coordinator_address, f.num_processes, f.process_id)
+  if f.compile_only:
+    print(format_memory(f.config, compile_only(f.config)))
+    return
+  if not f.workdir:
+    raise TrainingError("--workdir is required to train (only --compile_only runs without one)")
+  train(f.config, f.workdir)
 
 
 if __name__ == "__main__":
@@ -494,4 +486,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
   flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
   flags.mark_flags_as_required(["config"])
-  app.run(main, flags_parser=startup.parse_flags)
+  app.run(cli.funnel(main, workdir=lambda: flags.FLAGS.workdir, then=cli.TRAIN_RERUN,
+                     interrupted="stopped without saving (before training began, or a second one); the "
+                                 "checkpoints already saved are intact, and rerunning the same command resumes "
+                                 "from the newest"),
+          flags_parser=cli.parse_flags)

@@ -32,7 +32,6 @@ the temporaries of a killed run are removed by the next one.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -47,6 +46,7 @@ from etils import epath
 import numpy as np
 import tqdm
 
+from moa_jax import cli
 from moa_jax.data import atomic, corpus, shards
 from moa_jax.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
@@ -344,8 +344,9 @@ def _complete_meta(directory: epath.Path, key: dict[str, Any]) -> dict[str, Any]
   return meta
 
 
+@cli.command(then="rerun the same command (shards already written are kept)")
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--source", default="stdlib",
                       help="'stdlib', 'glob:PATTERN', 'jsonl:PATTERN', 'parquet:PATTERN' or 'hf:DIR'")
   parser.add_argument("--vocab_size", type=int, default=8192,
@@ -368,12 +369,13 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
   start = time.perf_counter()
-  try:
-    prepared = prepare(args.source, args.vocab_size, args.cache_dir, args.tokenizer or None,
-                       args.text_field, args.val_percent, args.max_bytes,
-                       shard_index=args.shard_index, num_shards=args.num_shards)
-  except ValueError as e:
-    raise SystemExit(f"error: {e}") from None
+  cli.check_range("--vocab_size", args.vocab_size, 1)
+  cli.check_range("--val_percent", args.val_percent, 0, 100)
+  cli.check_range("--max_bytes", args.max_bytes, 0)
+  cli.check_range("--num_shards", args.num_shards, 1)
+  prepared = prepare(args.source, args.vocab_size, args.cache_dir, args.tokenizer or None,
+                     args.text_field, args.val_percent, args.max_bytes,
+                     shard_index=args.shard_index, num_shards=args.num_shards)
   if prepared is None:
     print(f"tokenized this process's shards in {time.perf_counter() - start:.1f} s; the process "
           f"that finishes the last shard writes meta.json")
