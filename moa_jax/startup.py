@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any, Callable
 
 import jax
 from absl import logging
 
-from moa_jax import checkpoint
+from moa_jax import checkpoint, validate
 
 # Fields that change how a step is computed but not the parameters: never a reason to refuse a resume.
 COMPUTE_ONLY = ("model.remat", "model.attention_impl", "model.ffn.impl", "model.dtype", "model.moe.path",
@@ -32,6 +33,11 @@ COMPUTE_ONLY = ("model.remat", "model.attention_impl", "model.ffn.impl", "model.
 NOTED = ("data.", "optim.", "train.seed", "train.batch_size", "train.seq_len", "train.steps", "mesh.",
          "loss_weights.", *COMPUTE_ONLY)
 SILENT = ("data.cache_dir",)
+# Data fields that make another tokenizer (a BPE is trained on the source's training text): a resume
+# under another one would read the embeddings by other ids. The first only, when a tokenizer file is given.
+TOKENIZER = ("data.tokenizer", "data.source", "data.text_field", "data.max_bytes", "data.val_percent")
+# What a run writes in its directory, and whether it is a directory.
+WORKDIR_ENTRIES = {"checkpoints": True, "tb": True, "metrics.jsonl": False, "config.json": False, "lock": False}
 
 
 class StartupError(RuntimeError):
@@ -54,11 +60,36 @@ def check_config(config) -> None:
     raise StartupError(f"checkpoint.every = {config.checkpoint.every}; must be ≥ 0 (0: only at the end)")
   if t.get("resume_step", 0) < 0:
     raise StartupError(f"train.resume_step = {t.resume_step}; must be ≥ 0 (0: the newest checkpoint)")
+  validate.check_ranges(config)
   platform = jax.devices()[0].platform
   if platform == "cpu" and "float16" in (config.model.dtype, config.model.param_dtype):
     field = "model.dtype" if config.model.dtype == "float16" else "model.param_dtype"
     raise StartupError(f"{field} = 'float16' is not supported on CPU (XLA:CPU has no fast float16 and "
                        "training in it overflows); use float32 or bfloat16")
+
+
+def check_workdir(workdir: str) -> None:
+  """A work directory whose files a run could not use (a file where a directory belongs, or the other
+  way round; a metrics.jsonl that is not text) is refused before anything in it is written."""
+  if "://" in workdir or not os.path.exists(workdir):
+    return
+  if not os.path.isdir(workdir):
+    raise StartupError(f"--workdir={workdir} is a file, not a directory; give a directory (new or a run's)")
+  for name, is_dir in WORKDIR_ENTRIES.items():
+    path = os.path.join(workdir, name)
+    if os.path.exists(path) and os.path.isdir(path) != is_dir:
+      found, wanted = ("a directory", "file") if os.path.isdir(path) else ("a file", "directory")
+      raise StartupError(f"{path} is {found} where the run keeps its {name} {wanted}; move it aside (nothing "
+                         "else in the work directory was changed)")
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(metrics):
+    try:
+      with open(metrics, encoding="utf-8") as f:
+        for _ in f:
+          pass
+    except UnicodeDecodeError as e:
+      raise StartupError(f"{metrics} is not text (a byte at offset {e.start} is not UTF-8): not a record this code "
+                         "wrote; move it aside, then rerun (a new metrics.jsonl is started)") from None
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
@@ -127,6 +158,7 @@ def resume(run, ckpt: checkpoint.Checkpoints, data_iter, init_state: Callable) -
     if model:
       raise StartupError(f"{ckpt.directory} holds a checkpoint (step {step}) of a different model:\n  "
                          + "\n  ".join(map(_fmt, model)) + "\nuse a new --workdir, or the checkpoint's model config")
+    _check_tokenizer(diff, known, config, ckpt, step)
     if meta.get("structure", expected) != expected:
       optim = [d for d in diff if d[0].startswith("optim.")] or diff
       raise StartupError(f"{ckpt.directory} holds a checkpoint (step {step}) whose optimizer state has another "
@@ -149,6 +181,18 @@ def resume(run, ckpt: checkpoint.Checkpoints, data_iter, init_state: Callable) -
     raise StartupError(f"train.resume_step = {wanted}: that checkpoint is unreadable (moved to "
                        f"checkpoints_unreadable/); choose another of {sorted(supersede)}")
   return Resumed(init_state(run), 0, None, [], [])
+
+
+def _check_tokenizer(diff, known: dict, config, ckpt, step: int) -> None:
+  """Refuses a resume under another tokenizer unless train.allow_new_tokenizer says so."""
+  given = known.get("data.tokenizer") and config.data.get("tokenizer")  # a tokenizer file, then and now
+  fields = TOKENIZER[:1] if given else TOKENIZER
+  changed = [d for d in diff if d[0] in fields and d[0] in known]
+  if changed and not config.train.get("allow_new_tokenizer", False):
+    raise StartupError(f"{ckpt.directory} holds a checkpoint (step {step}) trained with another tokenizer:\n  "
+                       + "\n  ".join(map(_fmt, changed)) + "\nits embeddings belong to that tokenizer's ids; use "
+                       "the checkpoint's data config, a new --workdir, or --config.train.allow_new_tokenizer=true "
+                       "to go on under the new one")
 
 
 def _meta_or_none(ckpt, step):

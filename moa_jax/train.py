@@ -287,6 +287,7 @@ def train(config, workdir: str) -> dict:
   checkpoint at the next step boundary and returns early (the record then has `preempted: True`)."""
   try:
     startup.check_config(config)
+    startup.check_workdir(workdir)
     wandb_log.check(config)
     run = build(config)
   except (ValueError, startup.StartupError) as e:  # config validation: a message naming the field and the fix
