@@ -212,12 +212,16 @@ class ArgumentParser(argparse.ArgumentParser):
     kwargs.setdefault("allow_abbrev", False)
     super().__init__(*args, **kwargs)
 
+  def parse_known_args(self, args=None, namespace=None):
+    self._given = list(sys.argv[1:] if args is None else args)
+    return super().parse_known_args(args, namespace)
+
   def error(self, text: str):
-    unknown = re.match(r"unrecognized arguments: (.*)", text)
-    if unknown:
-      known = [s for a in self._actions for s in a.option_strings]
-      flag = unknown.group(1).split()[0]
-      near = difflib.get_close_matches(flag.split("=")[0], known, n=1)
+    known = [s for a in self._actions for s in a.option_strings]
+    unknown = [a for a in getattr(self, "_given", []) if a.startswith("-") and a.split("=")[0] not in known]
+    if unknown and (text.startswith("unrecognized arguments") or "required" in text):
+      flag = unknown[0].split("=")[0]
+      near = difflib.get_close_matches(flag, known, n=1)
       hint = f"; did you mean {near[0]}?" if near else f"; known flags: {', '.join(known)}"
       raise SystemExit(f"error: {self.prog}: unknown flag {flag}{hint}")
     raise SystemExit(f"error: {self.prog}: {text} (--help lists the flags)")
@@ -259,7 +263,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   except (AttributeError, KeyError) as e:  # an override names a field the config does not have
     text = str(e.args[0] if e.args else e)
     bad = re.match(r"""\W*(\w+)""", text)
-    arg = next((a for a in argv[1:] if bad and re.search(rf"\.{bad.group(1)}(=|$)", a)), None)
+    arg = next((a for a in argv[1:] if bad and re.search(rf"\.{bad.group(1)}(=|\.|$)", a)), None)
     hint = re.search(r'Did you mean "(\w+)"', text)
     if arg and hint:
       name = arg.split("=")[0]

@@ -67,7 +67,7 @@ def reconcile(workdir: str) -> list[str]:
 
 def stop_if_interrupted(record: dict, name: str) -> None:
   """After train.train returned: a run stopped by Ctrl-C or SIGTERM (saved) stops the study."""
-  if record.get("preempted"):
+  if isinstance(record, dict) and record.get("preempted"):
     raise cli.Stopped(f"study stopped: {name} saved its step {record.get('step')} after the interrupt; rerun the "
                       "same command to resume (finished runs are skipped, this one resumes from its checkpoint)")
 
