@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from moa_jax import checkpoint, profiling
-from moa_jax.errors import TrainingError
+from moa_jax.errors import Diverged
 from moa_jax.generate import continue_text
 from moa_jax.health import Health
 from moa_jax.metrics import mix_record, moe_record, peak_flops
@@ -66,13 +66,13 @@ class Window:
       raise self.diverged(f"step {step} is not fit to save")
     return self.spike is None
 
-  def diverged(self, what: str) -> TrainingError:
+  def diverged(self, what: str) -> Diverged:
     """The stop message for a run whose loss or parameters blew up: which checkpoint to go back to, and how."""
     if self.last_good is None:
-      return TrainingError(f"{what}; stopped without saving. Last good checkpoint: none in {self.ckpt.directory}. "
+      return Diverged(f"{what}; stopped without saving. Last good checkpoint: none in {self.ckpt.directory}. "
                            "Lower optim.lr or raise optim.warmup_steps and rerun (it starts over).")
     before = f" (the last one before step {self.spike[0]}: {self.spike[1]})" if self.spike else ""
-    return TrainingError(f"{what}; stopped without saving. Last good checkpoint: step {self.last_good} in "
+    return Diverged(f"{what}; stopped without saving. Last good checkpoint: step {self.last_good} in "
                          f"{self.ckpt.directory}{before}. Lower optim.lr or raise optim.warmup_steps and rerun with "
                          f"--config.train.resume_step={self.last_good} (later checkpoints, if any, are moved to "
                          "checkpoints_superseded/)")

@@ -3,3 +3,7 @@
 
 class TrainingError(RuntimeError):
   """A run that cannot start or cannot go on; the message says why and what to do."""
+
+
+class Diverged(TrainingError):
+  """The loss or the parameters blew up: the run stopped without saving the bad state."""

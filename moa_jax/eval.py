@@ -9,14 +9,13 @@ metrics.jsonl; raise --batches for a tighter estimate.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
 import flax.linen as nn
 import jax
 
-from moa_jax import rundir, sharding, train
+from moa_jax import cli, rundir, sharding, train
 
 
 def evaluate_checkpoint(workdir: str, step: int | None = None, batches: int | None = None) -> dict:
@@ -36,8 +35,9 @@ def evaluate_checkpoint(workdir: str, step: int | None = None, batches: int | No
           "tokens": n * run.config.train.batch_size * run.config.train.seq_len, "val_tokens": run.data.val_tokens}
 
 
+@cli.command()
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog="python -m moa_jax.eval", description="Held-out loss and perplexity of a run's checkpoint.")
   parser.add_argument("--workdir", required=True, help="a directory written by moa_jax.train")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
@@ -45,10 +45,9 @@ def main(argv: list[str] | None = None) -> None:
                       help="validation batches (default: the run's train.eval_batches)")
   parser.add_argument("--json", action="store_true", help="print one JSON object")
   args = parser.parse_args(argv)
-  try:
-    r = evaluate_checkpoint(args.workdir, args.step, args.batches)
-  except (rundir.RunDirError, train.TrainingError, ValueError) as e:
-    raise SystemExit(f"error: {e}")
+  cli.check_range("--batches", args.batches, 1)
+  cli.check_range("--step", args.step, 1)
+  r = evaluate_checkpoint(args.workdir, args.step, args.batches)
   if args.json:
     print(json.dumps(r))
     return

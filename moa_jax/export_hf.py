@@ -22,13 +22,14 @@ loads them. MoE models are refused. Tensor mapping (per layer i, moa_jax -> Llam
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import tempfile
 
 import numpy as np
+
+from moa_jax import cli
 
 MODELING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling", "modeling_moa_llama.py")
 # moa_jax activation -> transformers.activations.ACT2FN name (the same function).
@@ -190,19 +191,17 @@ def export(workdir: str, out: str, step: int | None = None, dtype: str = "float3
           "parameters": int(sum(t.size for t in tensors.values()))}
 
 
+@cli.command()
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m moa_jax.export_hf",
+  parser = cli.ArgumentParser(prog="python -m moa_jax.export_hf",
                                    description="Export a run's checkpoint as a Hugging Face model directory.")
   parser.add_argument("--workdir", required=True, help="a directory written by moa_jax.train")
   parser.add_argument("--out", required=True, help="the Hugging Face directory to write (new or empty)")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
   parser.add_argument("--dtype", default="float32", help=f"tensor dtype: {', '.join(DTYPES)}")
   args = parser.parse_args(argv)
-  from moa_jax import train
-  try:
-    r = export(args.workdir, args.out, args.step, args.dtype)
-  except (ExportError, train.TrainingError, ValueError, OSError, ImportError) as e:
-    raise SystemExit(f"error: {e}")
+  cli.check_range("--step", args.step, 1)
+  r = export(args.workdir, args.out, args.step, args.dtype)
   remote = "; load with trust_remote_code=True" if r["architecture"] != "LlamaForCausalLM" else ""
   print(f"{args.workdir} step {r['step']} -> {r['out']}: {r['architecture']}, {r['tensors']} tensors, "
         f"{r['parameters'] / 1e6:.2f}M parameters{remote}")

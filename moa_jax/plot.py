@@ -9,7 +9,6 @@ Colab notebook all draw through these functions.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from typing import Sequence
@@ -17,6 +16,8 @@ from typing import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
+
+from moa_jax import cli
 
 SeedCurve = tuple[np.ndarray, np.ndarray]  # (x (N,), y (N,)) of one seed
 
@@ -305,10 +306,11 @@ def run_curve(records: list[dict], metric: str, x: str = "tokens") -> SeedCurve:
   return np.array([r[x] for r in kept], float), np.array([r[metric] for r in kept], float)
 
 
+@cli.command()
 def main(argv: list[str] | None = None) -> None:
   from moa_jax import rundir
 
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog="python -m moa_jax.plot", description="Loss curves of one or more runs, one colour per run.")
   parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="directories written by moa_jax.train")
   parser.add_argument("--out", required=True, help="PNG file to write")
@@ -317,16 +319,15 @@ def main(argv: list[str] | None = None) -> None:
                       help="EMA smoothing in [0, 1) (default 0.6; 0 for eval_loss)")
   parser.add_argument("--x", default="tokens", choices=("tokens", "step"), help="x axis")
   args = parser.parse_args(argv)
+  if args.smooth is not None and not 0 <= args.smooth < 1:
+    raise ValueError(f"--smooth = {args.smooth}; must be in [0, 1) (0: no smoothing)")
   smooth = args.smooth if args.smooth is not None else (0.0 if args.metric == "eval_loss" else 0.6)
   names = [os.path.basename(os.path.normpath(d)) for d in args.run_dirs]
   if len(set(names)) < len(names):
     names = [os.path.normpath(d) for d in args.run_dirs]
   series = {}
   for name, workdir in zip(names, args.run_dirs):
-    try:
-      curve = run_curve(rundir.records(workdir), args.metric, args.x)
-    except rundir.RunDirError as e:
-      raise SystemExit(f"error: {e}") from None
+    curve = run_curve(rundir.records(workdir), args.metric, args.x)
     if not len(curve[0]):
       raise SystemExit(f"error: {workdir}/metrics.jsonl has no {args.metric!r} values")
     series[name] = [curve]

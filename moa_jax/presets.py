@@ -175,6 +175,8 @@ def lm_config(size: str = "debug", ffn: str = "swiglu") -> ml_collections.Config
       seed=0,                                    # parameter init and data order
       resume_step=0,                             # resume from this checkpoint, not the newest (0: newest);
                                                  # later ones move to checkpoints_superseded/
+      allow_new_tokenizer=False,                 # resume even though data.* now makes another tokenizer
+                                                 # (the embeddings are reused under the new ids)
       microbatches=1,                            # gradient accumulation: the batch runs as N scanned microbatches
                                                  # (batch_size % (N × data·fsdp·expert) == 0); MoE balance
                                                  # loss per microbatch

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import ml_collections
 
@@ -29,7 +30,9 @@ def records(workdir: str) -> list[dict]:
   if not os.path.exists(path):
     raise RunDirError(f"{path} does not exist; is {workdir!r} a run directory (python -m moa_jax.train "
                       f"--workdir=...)?")
-  with open(path) as f:
+  if not os.path.isfile(path):
+    raise RunDirError(f"{path} is not a file; move it aside (a run directory holds metrics.jsonl as a file)")
+  with open(path, errors="replace") as f:  # a damaged line is skipped, not a decoding error
     return parse_records(f)
 
 
@@ -56,33 +59,51 @@ def restore(workdir: str, step: int | None = None):
   against the checksums saved with them). The mesh is reset to data parallelism over this machine's
   devices: the checkpoint may come from a larger one.
 
+  Without `step`, the newest checkpoint that restores: one that is truncated, corrupted, or deleted
+  underneath by a live run's `checkpoint.keep` is passed over (with a note) for the next newest, as
+  training does; nothing is moved (the run may be live). With `step`, that one or an error.
+
   Returns (run, params, step): run is `train.Run` (.model, .data.tokenizer, ...).
   """
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
-    raise RunDirError(f"{directory} does not exist; is {workdir!r} a run directory (python -m moa_jax.train "
-                      f"--workdir=...)?")
+    raise RunDirError(f"{directory} does not exist or is not a directory; is {workdir!r} a run directory "
+                      f"(python -m moa_jax.train --workdir=...)?")
   ckpt = checkpoint.Checkpoints(workdir, 0, 1)
   try:
-    saved = sorted(ckpt.all_steps())  # complete ones only
+    saved = ckpt.all_steps()  # complete ones only, newest first
     if not saved:
       raise RunDirError(f"{ckpt.directory} holds no checkpoint; train first (python -m moa_jax.train ...)")
-    if step is None:
-      step = saved[-1]
-    elif step not in saved:
-      raise RunDirError(f"no checkpoint at step {step} in {ckpt.directory}; saved steps: {saved}")
-    try:
-      meta = ckpt.read_meta(step)
-    except Exception as e:
-      raise RunDirError(f"{ckpt.directory}/{step} is unreadable ({type(e).__name__}); try another --step "
-                        f"of {saved}") from None
-    config = ml_collections.ConfigDict(_tuples(meta["config"]))
-    config.mesh.update(data=-1, fsdp=1, tensor=1, expert=1)
-    run = train.build(config)
-    try:
-      state, _ = ckpt.restore(step, run.abstract_state, meta.get("checksums"))
-    except checkpoint.CorruptCheckpoint as e:
-      raise RunDirError(f"{ckpt.directory}/{step} is corrupted ({e}); try another --step of {saved}") from None
+    if step is not None and step not in saved:
+      raise RunDirError(f"no checkpoint at step {step} in {ckpt.directory}; saved steps: {sorted(saved)}")
+    run, run_config, failures = None, None, []
+    for candidate in [step] if step is not None else saved:
+      try:
+        meta = ckpt.read_meta(candidate)
+      except Exception as e:  # truncated, or deleted underneath by a live run
+        failures.append(_failure(candidate, e))
+        continue
+      if meta["config"] != run_config:
+        run_config = meta["config"]
+        config = ml_collections.ConfigDict(_tuples(run_config))
+        config.mesh.update(data=-1, fsdp=1, tensor=1, expert=1)
+        run = train.build(config)
+      try:
+        state, _ = ckpt.restore(candidate, run.abstract_state, meta.get("checksums"))
+      except Exception as e:  # truncated, corrupted, or deleted underneath by a live run
+        failures.append(_failure(candidate, e))
+        continue
+      if failures:
+        print(f"note: passed over unreadable checkpoints in {ckpt.directory} ({'; '.join(failures)}); using "
+              f"step {candidate} (--step chooses one)", file=sys.stderr)
+      return run, state.params, candidate
+    raise RunDirError(f"no readable checkpoint in {ckpt.directory} ({'; '.join(failures)}); "
+                      + (f"try another --step of {sorted(saved)}" if step is not None else
+                         "train again, or restore a copy"))
   finally:
     ckpt.close()
-  return run, state.params, step
+
+
+def _failure(step: int, error: Exception) -> str:
+  text = str(error).splitlines()[0][:160] if str(error) else ""
+  return f"step {step}: {type(error).__name__}{': ' + text if text else ''}"

@@ -11,10 +11,9 @@ The generation loop itself lives in `moa_jax.generate` (training samples through
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from moa_jax import rundir, train
+from moa_jax import cli, rundir
 from moa_jax.generate import continue_text
 
 
@@ -31,8 +30,9 @@ def sample_text(workdir: str, prompt: str, *, max_new_tokens: int = 128, tempera
                         seed=seed + i) for i in range(num_samples)]
 
 
+@cli.command()
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog="python -m moa_jax.sample", description="Generate text from a run's checkpoint.")
   parser.add_argument("--workdir", required=True, help="a directory written by moa_jax.train")
   parser.add_argument("--prompt", required=True, help="text to continue")
@@ -43,12 +43,12 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
   parser.add_argument("--num_samples", type=int, default=1)
   args = parser.parse_args(argv)
-  try:
-    texts = sample_text(args.workdir, args.prompt, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_k=args.top_k, seed=args.seed, step=args.step,
-                        num_samples=args.num_samples)
-  except (rundir.RunDirError, train.TrainingError, ValueError) as e:
-    raise SystemExit(f"error: {e}")
+  for name, low in (("max_new_tokens", 1), ("temperature", 0), ("top_k", 0), ("seed", 0), ("step", 1),
+                    ("num_samples", 1)):
+    cli.check_range(f"--{name}", getattr(args, name), low)
+  texts = sample_text(args.workdir, args.prompt, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_k=args.top_k, seed=args.seed, step=args.step,
+                      num_samples=args.num_samples)
   for i, text in enumerate(texts):
     if args.num_samples > 1:
       print(f"--- sample {i} (seed {args.seed + i})")

@@ -17,17 +17,15 @@ Resuming (README, "Training runs", has the table):
 from __future__ import annotations
 
 import dataclasses
-import errno
 import importlib.util
 import json
 import os
-import re
 from typing import Any, Callable
 
 import jax
 from absl import logging
 
-from moa_jax import checkpoint
+from moa_jax import checkpoint, validate
 
 # Fields that change how a step is computed but not the parameters: never a reason to refuse a resume.
 COMPUTE_ONLY = ("model.remat", "model.attention_impl", "model.ffn.impl", "model.dtype", "model.moe.path",
@@ -36,6 +34,11 @@ COMPUTE_ONLY = ("model.remat", "model.attention_impl", "model.ffn.impl", "model.
 NOTED = ("data.", "optim.", "train.seed", "train.batch_size", "train.seq_len", "train.steps", "mesh.",
          "loss_weights.", *COMPUTE_ONLY)
 SILENT = ("data.cache_dir",)
+# Data fields that make another tokenizer (a BPE is trained on the source's training text): a resume
+# under another one would read the embeddings by other ids. The first only, when a tokenizer file is given.
+TOKENIZER = ("data.tokenizer", "data.source", "data.text_field", "data.max_bytes", "data.val_percent")
+# What a run writes in its directory, and whether it is a directory.
+WORKDIR_ENTRIES = {"checkpoints": True, "tb": True, "metrics.jsonl": False, "config.json": False, "lock": False}
 
 
 class StartupError(RuntimeError):
@@ -58,6 +61,7 @@ def check_config(config) -> None:
     raise StartupError(f"checkpoint.every = {config.checkpoint.every}; must be ≥ 0 (0: only at the end)")
   if t.get("resume_step", 0) < 0:
     raise StartupError(f"train.resume_step = {t.resume_step}; must be ≥ 0 (0: the newest checkpoint)")
+  validate.check_ranges(config)
   platform = jax.devices()[0].platform
   if platform == "cpu" and "float16" in (config.model.dtype, config.model.param_dtype):
     field = "model.dtype" if config.model.dtype == "float16" else "model.param_dtype"
@@ -71,6 +75,30 @@ def check_object_store(**paths: str) -> None:
   if remote and importlib.util.find_spec("gcsfs") is None:
     raise StartupError(f"{', '.join(remote)} is on Google Cloud Storage, which needs gcsfs; install it with "
                        f"pip install -e \".[gcs]\" (or \".[tpu]\" on a TPU VM)")
+
+
+def check_workdir(workdir: str) -> None:
+  """A work directory whose files a run could not use (a file where a directory belongs, or the other
+  way round; a metrics.jsonl that is not text) is refused before anything in it is written."""
+  if "://" in workdir or not os.path.exists(workdir):
+    return
+  if not os.path.isdir(workdir):
+    raise StartupError(f"--workdir={workdir} is a file, not a directory; give a directory (new or a run's)")
+  for name, is_dir in WORKDIR_ENTRIES.items():
+    path = os.path.join(workdir, name)
+    if os.path.exists(path) and os.path.isdir(path) != is_dir:
+      found, wanted = ("a directory", "file") if os.path.isdir(path) else ("a file", "directory")
+      raise StartupError(f"{path} is {found} where the run keeps its {name} {wanted}; move it aside (nothing "
+                         "else in the work directory was changed)")
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(metrics):
+    try:
+      with open(metrics, encoding="utf-8") as f:
+        for _ in f:
+          pass
+    except UnicodeDecodeError as e:
+      raise StartupError(f"{metrics} is not text (a byte at offset {e.start} is not UTF-8): not a record this code "
+                         "wrote; move it aside, then rerun (a new metrics.jsonl is started)") from None
 
 
 def _flat(config: dict, prefix: str = "") -> dict:
@@ -139,6 +167,7 @@ def resume(run, ckpt: checkpoint.Checkpoints, data_iter, init_state: Callable) -
     if model:
       raise StartupError(f"{ckpt.directory} holds a checkpoint (step {step}) of a different model:\n  "
                          + "\n  ".join(map(_fmt, model)) + "\nuse a new --workdir, or the checkpoint's model config")
+    _check_tokenizer(diff, known, config, ckpt, step)
     if meta.get("structure", expected) != expected:
       optim = [d for d in diff if d[0].startswith("optim.")] or diff
       raise StartupError(f"{ckpt.directory} holds a checkpoint (step {step}) whose optimizer state has another "
@@ -161,6 +190,18 @@ def resume(run, ckpt: checkpoint.Checkpoints, data_iter, init_state: Callable) -
     raise StartupError(f"train.resume_step = {wanted}: that checkpoint is unreadable (moved to "
                        f"checkpoints_unreadable/); choose another of {sorted(supersede)}")
   return Resumed(init_state(run), 0, None, [], [])
+
+
+def _check_tokenizer(diff, known: dict, config, ckpt, step: int) -> None:
+  """Refuses a resume under another tokenizer unless train.allow_new_tokenizer says so."""
+  given = known.get("data.tokenizer") and config.data.get("tokenizer")  # a tokenizer file, then and now
+  fields = TOKENIZER[:1] if given else TOKENIZER
+  changed = [d for d in diff if d[0] in fields and d[0] in known]
+  if changed and not config.train.get("allow_new_tokenizer", False):
+    raise StartupError(f"{ckpt.directory} holds a checkpoint (step {step}) trained with another tokenizer:\n  "
+                       + "\n  ".join(map(_fmt, changed)) + "\nits embeddings belong to that tokenizer's ids; use "
+                       "the checkpoint's data config, a new --workdir, or --config.train.allow_new_tokenizer=true "
+                       "to go on under the new one")
 
 
 def _meta_or_none(ckpt, step):
@@ -203,96 +244,3 @@ def _notes(diff, meta: dict, config, step: int) -> list[str]:
   if rest:
     notes.append("note: resuming with changed settings: " + "; ".join(f"{f} {a!r} -> {b!r}" for f, a, b in rest))
   return notes
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing (app.run's flags_parser) with one-line errors for a mistyped `--config.x` field
-  (with ml_collections' suggestion), a config file that is missing or fails to load, and a bad value."""
-  from absl import flags
-  config_arg = next((a for a in argv[1:] if a.startswith("--config=")), "--config")
-  try:
-    rest = flags.FLAGS(argv)
-    config = flags.FLAGS["config"].value
-    if config is not None:
-      config.keys()  # a file that failed to load raises on first use: make that happen here
-    return rest
-  except flags.Error as e:
-    raise SystemExit(f"error: {e}") from None
-  except (AttributeError, KeyError) as e:  # an override names a field the config does not have
-    text = str(e.args[0] if e.args else e)
-    bad = re.match(r"""\W*(\w+)""", text)
-    arg = next((a for a in argv[1:] if bad and re.search(rf"\.{bad.group(1)}(=|$)", a)), None)
-    hint = re.search(r'Did you mean "(\w+)"', text)
-    if arg and hint:
-      name = arg.split("=")[0]
-      fix = name[:name.rindex(".") + 1] + hint.group(1)
-      raise SystemExit(f"error: {name}: the config has no such field; did you mean {fix}?") from None
-    raise SystemExit(f"error: {arg or 'a --config override'}: the config has no such field "
-                     f"({text.splitlines()[0]}); the config file lists the fields") from None
-  except OSError as e:
-    path = config_arg.partition("=")[2].split(":")[0]
-    if path and not os.path.exists(path):
-      raise SystemExit(f"error: {config_arg}: no such file; the configs are in configs/ "
-                       f"(e.g. --config=configs/debug.py)") from None
-    raise SystemExit(f"error: {config_arg} could not be loaded: {str(e).strip().splitlines()[-1]}") from None
-  except SyntaxError as e:  # the config file itself is not valid Python
-    raise SystemExit(f"error: {config_arg} does not load: SyntaxError at line {e.lineno}: {e.msg}; "
-                     "fix the file (configs/*.py are examples)") from None
-  except Exception as e:  # get_config() (or the file's top level) raised: name it instead of a traceback
-    raise SystemExit(f"error: {config_arg} does not load: {type(e).__name__}: {e}; "
-                     "fix the file (configs/*.py are examples)") from None
-
-
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
-def storage_error(error: BaseException) -> OSError | None:
-  """The disk-full / read-only / permission OSError behind `error` (Orbax wraps its writers' errors),
-  or None."""
-  seen = error
-  while seen is not None:
-    if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
-      return seen
-    code = re.search(r"\[os_error_code='(\d+)'\]", str(seen))  # TensorStore's (Orbax's array writer) form
-    if code and int(code.group(1)) in STORAGE_ERRNOS:
-      path = re.search(r'Failed writing: "([^"]+)"', str(seen))
-      return OSError(int(code.group(1)), os.strerror(int(code.group(1))), path.group(1) if path else None)
-    seen = seen.__cause__ or seen.__context__
-  return None
-
-
-def storage_message(error: OSError, workdir: str) -> str:
-  where = error.filename or workdir
-  fixes = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (quota)",
-           errno.EROFS: "use a writable --workdir"}
-  fix = fixes.get(error.errno, "make it writable or use another --workdir")
-  return (f"error: cannot write {where}: {error.strerror}; {fix}, then rerun the same command: it resumes "
-          "from the newest complete checkpoint (checkpoints and metrics already written are intact)")
-
-
-class _DropStorageErrors:
-  """A logging filter: drops the error records (with tracebacks) that Orbax's and asyncio's background
-  threads log when a write fails for lack of space or permission; the run then stops with one line
-  (storage_message) that says the same."""
-
-  def filter(self, record) -> bool:
-    exc = record.exc_info[1] if record.exc_info else None
-    text = record.getMessage()
-    return not (storage_error(exc) is not None if exc else False) and not any(
-        s in text for s in ("No space left on device", "Read-only file system", "Disk quota exceeded",
-                            *(f"os_error_code='{n}'" for n in STORAGE_ERRNOS)))
-
-
-def quiet_storage_logs() -> None:
-  """Installs the filter above, and drops the 'Event loop is closed' errors that TensorStore's writer
-  threads print (through sys.excepthook) when a failed Orbax save has already closed its event loop."""
-  import logging as std_logging
-  import sys
-  for handler in std_logging.getLogger().handlers:
-    handler.addFilter(_DropStorageErrors())
-  previous = sys.excepthook
-
-  def hook(kind, value, tb):
-    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
-      previous(kind, value, tb)
-  sys.excepthook = hook

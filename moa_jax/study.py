@@ -33,7 +33,6 @@ Lists are comma-separated.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import importlib.util
@@ -46,7 +45,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from moa_jax import checkpoint, presets, report, rundir
+from moa_jax import checkpoint, cli, presets, report, rundir, study_guard
 
 
 class StudyError(ValueError):
@@ -322,6 +321,7 @@ def _check_same_run(ref: report.RunRef, config) -> None:
                      + "\nuse a new --workdir for the changed study, or delete that run directory")
 
 
+@study_guard.locked
 def run_study(study: Study, workdir: str, *, out_dir: str | None = None, command: str = "",
               report_only: bool = False) -> str:
   """Trains every unfinished run (one at a time, in this process), then writes the report. A tuned
@@ -363,13 +363,15 @@ def _train_one(ref: report.RunRef, config, counter: str) -> None:
     return
   print(f"{counter} {name}: training {config.train.steps} steps", flush=True)
   try:
-    train.train(config, ref.workdir)
-  except train.TrainingError as e:
-    if not os.path.exists(os.path.join(ref.workdir, "config.json")):  # refused before it started
-      raise StudyError(f"run {name} cannot start: {e}") from e
-    print(f"{counter} {name}: stopped: {e}", flush=True)  # a NaN loss: the run diverged
+    record = train.train(config, ref.workdir)
+  except train.Diverged as e:  # only a divergence is a failure of the arm (moa_jax/study_guard.py)
+    print(f"{counter} {name}: stopped: {e}", flush=True)
     with open(os.path.join(ref.workdir, report.FAILED), "w") as f:
       json.dump({"error": str(e)}, f)
+    return
+  except train.TrainingError as e:  # refused, or its directory held by another run: not a result
+    raise StudyError(f"run {name} cannot go on: {e}") from e
+  study_guard.stop_if_interrupted(record, name)
 
 
 def plan_estimate(study: Study) -> dict:
@@ -495,9 +497,11 @@ def _use_compilation_cache(directory: str | None, workdir: str) -> None:
   jax.config.update("jax_compilation_cache_dir", directory or os.path.join(workdir, "jax_cache"))
 
 
+@cli.command(interrupted="the study stopped; rerun the same command to resume it (finished runs are skipped, "
+                         "an interrupted run resumes from its newest checkpoint)")
 def main(argv: list[str] | None = None) -> None:
   argv = sys.argv[1:] if argv is None else argv
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog="python -m moa_jax.study", description="Run a study (experiments/*.py) and write its report.",
       epilog="Also: --study.FIELD=VALUE, --config.PATH=VALUE (see the module docstring).")
   parser.add_argument("study_file", help="experiments/<name>.py defining get_study()")
@@ -513,16 +517,13 @@ def main(argv: list[str] | None = None) -> None:
                       help="JAX persistent compilation cache (default: WORKDIR/jax_cache, or "
                            "$JAX_COMPILATION_CACHE_DIR when set; 'off': none)")
   args, rest = parser.parse_known_args(argv)
-  try:
-    study = with_flags(load_study(args.study_file), rest)
-    if args.plan:
-      print(format_plan(study, plan_estimate(study), args.flops_per_sec, args.tokens_per_sec))
-      return
-    _use_compilation_cache(args.compilation_cache, args.workdir)
-    command = " ".join(["python -m moa_jax.study"] + [shlex.quote(a) for a in argv])
-    run_study(study, args.workdir, out_dir=args.out, command=command, report_only=args.report_only)
-  except StudyError as e:
-    raise SystemExit(f"error: {e}")
+  study = with_flags(load_study(args.study_file), rest)
+  if args.plan:
+    print(format_plan(study, plan_estimate(study), args.flops_per_sec, args.tokens_per_sec))
+    return
+  _use_compilation_cache(args.compilation_cache, args.workdir)
+  command = " ".join(["python -m moa_jax.study"] + [shlex.quote(a) for a in argv])
+  run_study(study, args.workdir, out_dir=args.out, command=command, report_only=args.report_only)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from absl import app, flags
 from flax.core import meta
 from ml_collections import config_flags
 
+from moa_jax import cli
 from moa_jax.activations import ACTIVATIONS
 from moa_jax.transformer import Decoder, ModelSpec, model_spec
 
@@ -119,6 +120,7 @@ def format_summary(name: str, s: dict) -> str:
   return "\n".join([name] + [f"  {k:<{width}}  {v}" for k, v in rows])
 
 
+@cli.command()
 def main(argv):
   del argv
   config = flags.FLAGS.config
@@ -133,4 +135,4 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
   flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
   flags.mark_flag_as_required("config")
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

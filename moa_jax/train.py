@@ -26,9 +26,9 @@ from flax.core import meta
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from moa_jax import checkpoint, loss, optim, profiling, runtime, sharding, startup, summary, wandb_log
-from moa_jax import actions, workdir as workdir_lock
-from moa_jax.errors import TrainingError
+from moa_jax import actions, checkpoint, cli, loss, optim, profiling, runtime, sharding, startup, summary
+from moa_jax import wandb_log, workdir as workdir_lock
+from moa_jax.errors import Diverged, TrainingError
 from moa_jax.health import Health
 from moa_jax.loss import cross_entropy
 from moa_jax.data import epochs, make_datasets
@@ -254,6 +254,7 @@ def train(config, workdir: str) -> dict:
   try:
     startup.check_config(config)
     startup.check_object_store(workdir=workdir, **{f"data.{k}": config.data[k] for k in ("cache_dir", "tokenizer")})
+    startup.check_workdir(workdir)
     wandb_log.check(config)
     run = build(config)
   except (ValueError, startup.StartupError) as e:  # config validation: a message naming the field and the fix
@@ -387,30 +388,18 @@ def format_memory(config, mem: dict) -> str:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep Orbax's per-save INFO lines out of the progress bar
-  startup.quiet_storage_logs()  # a full disk ends in one line, not a traceback per background writer
+  cli.quiet_background_errors()  # a failed save ends in one line, not a traceback per background writer
   f = flags.FLAGS
   if f.print_config:  # the config after every --config.* override, as YAML; nothing runs
     print(f.config, end="")
     return
-  try:
-    runtime.initialize(f.coordinator_address, f.num_processes, f.process_id)
-    if f.compile_only:
-      print(format_memory(f.config, compile_only(f.config)))
-      return
-    if not f.workdir:
-      raise TrainingError("--workdir is required to train (only --compile_only runs without one)")
-    train(f.config, f.workdir)
-  except KeyboardInterrupt:
-    raise SystemExit("error: interrupted (Ctrl-C before training began, or a second one): stopped without "
-                     "saving; the checkpoints already saved are intact, and rerunning the same command resumes "
-                     "from the newest") from None
-  except Exception as e:
-    full = startup.storage_error(e)  # a full disk or read-only workdir, however deep Orbax wrapped it
-    if full is not None:
-      raise SystemExit(startup.storage_message(full, f.workdir)) from None
-    if isinstance(e, (TrainingError, ValueError)):
-      raise SystemExit(f"error: {e}") from None
-    raise
+  runtime.initialize(f.coordinator_address, f.num_processes, f.process_id)
+  if f.compile_only:
+    print(format_memory(f.config, compile_only(f.config)))
+    return
+  if not f.workdir:
+    raise TrainingError("--workdir is required to train (only --compile_only runs without one)")
+  train(f.config, f.workdir)
 
 
 if __name__ == "__main__":
@@ -422,4 +411,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
   flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
   flags.mark_flags_as_required(["config"])
-  app.run(main, flags_parser=startup.parse_flags)
+  app.run(cli.funnel(main, workdir=lambda: flags.FLAGS.workdir, then=cli.TRAIN_RERUN,
+                     interrupted="stopped without saving (before training began, or a second one); the "
+                                 "checkpoints already saved are intact, and rerunning the same command resumes "
+                                 "from the newest"),
+          flags_parser=cli.parse_flags)

@@ -296,13 +296,79 @@ def test_compute_only_and_data_changes_resume_with_a_note(config, run, capsys):
   config.model.dtype = "bfloat16"
   config.optim.lr = 1e-3
   config.train.seed = 3
-  config.data.max_bytes = 300_000
+  config.data.max_bytes = 300_000  # another BPE: allowed only when asked for (the next test)
+  config.train.allow_new_tokenizer = True
   train.train(config, run)  # train.steps = 8: done; every check ran, nothing was refused
   out = capsys.readouterr().out
   for field in ("model.remat", "model.attention_impl", "model.ffn.impl", "model.dtype", "optim.lr", "train.seed",
                 "data.max_bytes"):
     assert field in out, field
   assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("field", ["source", "max_bytes"])
+def test_a_tokenizer_change_on_resume_is_refused_unless_asked_for(config, run, tmp_path, field):
+  if field == "source":  # another corpus: a few stdlib modules, copied
+    os.makedirs(tmp_path / "corpus")
+    for name in sorted(os.listdir(os.path.dirname(os.__file__))):
+      if name.endswith(".py"):
+        shutil.copy(os.path.join(os.path.dirname(os.__file__), name), tmp_path / "corpus")
+    config.data.source = f"glob:{tmp_path}/corpus/*.py"
+  else:
+    config.data.max_bytes = 300_000  # the BPE is trained on the capped text: another tokenizer
+  before = snapshot(run)
+  config.train.steps = 12
+  with pytest.raises(train.TrainingError, match=rf"trained with another tokenizer:\n  data.{field}: (.|\n)*"
+                                                 r"--config.train.allow_new_tokenizer=true"):
+    train.train(config, run)
+  assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("damage", ["metrics a directory", "binary metrics", "config.json a directory"])
+def test_a_refused_resume_does_not_rewrite_config_json(config, run, damage):
+  metrics = os.path.join(run, "metrics.jsonl")
+  if damage == "metrics a directory":
+    os.rename(metrics, metrics + ".moved")
+    os.makedirs(metrics)
+  elif damage == "binary metrics":
+    with open(metrics, "ab") as f:
+      f.write(bytes(range(128, 256)))
+  else:
+    os.rename(os.path.join(run, "config.json"), os.path.join(run, "config.moved"))
+    os.makedirs(os.path.join(run, "config.json"))
+  before = snapshot(run)
+  config.train.steps = 12
+  config.optim.lr = config.optim.lr / 2  # a changed config: config.json would differ if rewritten
+  with pytest.raises(train.TrainingError, match=r"(is a directory where|is not text).*move it aside"):
+    train.train(config, run)
+  assert snapshot(run) == before
+
+
+def _truncate_the_largest_array_file(step_dir):
+  files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(step_dir, "state")) for f in fs]
+  biggest = max(files, key=os.path.getsize)
+  os.truncate(biggest, os.path.getsize(biggest) // 2)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted underneath"])
+def test_eval_sample_and_export_fall_back_from_an_unreadable_newest_checkpoint(run, tmp_path, damage, capsys):
+  from moa_jax import export_hf, sample
+  step_dir = os.path.join(run, "checkpoints", "8")
+  if damage == "truncated":
+    _truncate_the_largest_array_file(step_dir)
+  else:  # what a live run's checkpoint.keep does between eval listing the steps and restoring one
+    shutil.rmtree(os.path.join(step_dir, "state"))
+  before = snapshot(run)
+  assert evaluate.evaluate_checkpoint(run)["step"] == 4
+  assert "passed over unreadable checkpoints" in capsys.readouterr().err
+  assert len(sample.sample_text(run, "def ", max_new_tokens=4)) == 1
+  try:
+    assert export_hf.export(run, str(tmp_path / "hf"), None, "float32")["step"] == 4
+  except ImportError:
+    pass  # the export extra (safetensors) is not installed: eval and sample were checked
+  with pytest.raises(rundir.RunDirError, match=r"no readable checkpoint .*step 8.*try another --step of \[4, 8\]"):
+    rundir.restore(run, 8)
+  assert snapshot(run) == before  # a reader moves nothing: the run may be live
 
 
 def test_more_steps_says_the_schedule_changes(config, run, capsys):

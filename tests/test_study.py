@@ -220,7 +220,7 @@ def test_lr_sweep_with_divergence_and_scaling_fit(tmp_path, monkeypatch):
     size_loss = 5.0 if config.model.d_model == 64 else 4.0
     moa = config.model.ffn.mix == "moa"
     if moa and config.optim.lr > 0.005 and config.train.seed == 2:  # debug at 2× lr, seed 2
-      raise train.TrainingError("loss is nan at step 7; stopped without saving")
+      raise train.Diverged("loss is nan at step 7; stopped without saving")
     return size_loss - (0.01 * (config.train.seed + 3) if moa else 0.0) + 0.001 * config.train.seed
 
   monkeypatch.setattr(train, "train", _fake_train(final_loss))
@@ -256,7 +256,7 @@ def test_lr_sweep_with_divergence_and_scaling_fit(tmp_path, monkeypatch):
 def test_a_run_refused_before_training_stops_the_study(tmp_path):
   s = study.Study(name="t", sizes=("debug",), arms={"a": "swiglu"}, baseline="a", seeds=(0,), steps=5,
                   overrides={"train.batch_size": 3, "mesh.data": 2})
-  with pytest.raises(study.StudyError, match="run debug-a-lr1x-s0 cannot start: .*mesh"):
+  with pytest.raises(study.StudyError, match="run debug-a-lr1x-s0 cannot go on: .*mesh"):
     study.run_study(s, str(tmp_path))
 
 

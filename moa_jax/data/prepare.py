@@ -32,7 +32,6 @@ the temporaries of a killed run are removed by the next one.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -46,7 +45,7 @@ from absl import logging
 from etils import epath
 import numpy as np
 
-from moa_jax import progress
+from moa_jax import cli, progress
 from moa_jax.data import atomic, corpus, hf, shards
 from moa_jax.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
@@ -56,6 +55,7 @@ _SHARD_BYTES = 64 * 2**20     # source bytes per shard, about
 _MIN_SHARDS = 16              # shards to cut a source into when it has that many files
 _IN_FLIGHT = 2                # shards tokenized at once by one process
 _TOKENIZER_WAIT_S = 3600      # how long processes other than shard 0's wait for its BPE
+_EDITABLE = ("glob", "jsonl", "parquet")  # sources whose files a user may edit in place
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +117,8 @@ def prepare(source: str, vocab_size: int, cache_dir: str, tokenizer: str | None 
                             max_bytes=_split_budget(max_bytes or 0, val_percent, split))
 
   meta = _complete_meta(directory, key)
+  if meta is not None and kind in _EDITABLE:
+    print(_reuse_note(directory, source, meta), flush=True)
   if meta is None and next(split_documents("train"), None) is None:
     raise ValueError(f"data.source = {source!r} has no non-empty training documents (with "
                      f"data.val_percent = {val_percent}); give a source with text, or lower "
@@ -294,6 +296,7 @@ def _index(directory: epath.Path, key: dict[str, Any], source: str, tok: Tokeniz
       "eos_id": tok.eos_id,
       "dtype": np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32).name,
       "num_shards": count,
+      "n_files": len(corpus.source_files(source).files) if corpus.parse_source(source)[0] in _EDITABLE else None,
       "splits": splits,
   }
   atomic.write_bytes(directory / "meta.json", json.dumps(meta, indent=2).encode())
@@ -315,6 +318,26 @@ def _trained_bpe(directory: epath.Path, vocab_size: int,
     return load_tokenizer(os.fspath(path))
   logging.info("training a %d-token byte-level BPE -> %s", vocab_size, path)
   return train_bpe((d.text for d in train_documents), vocab_size, os.fspath(path))
+
+
+def _reuse_note(directory: epath.Path, source: str, meta: dict[str, Any]) -> str:
+  """The line a run prints when it reuses a prepared set of files the user may have edited since: the
+  set is keyed by the source spec, not the files' contents."""
+  files = corpus.source_files(source).files
+  held = meta.get("n_files")
+  count = f"{held} files" if held is not None else f"{sum(s['n_docs'] for s in meta['splits'].values())} documents"
+  changed = []
+  if held is not None and held != len(files):
+    changed.append(f"{source!r} now matches {len(files)} files")
+  if shards.is_local(directory):
+    since = os.path.getmtime(directory / "meta.json")
+    newer = sum(os.path.getmtime(f) > since for f in files if os.path.exists(f))
+    if newer:
+      changed.append(f"{newer} of them changed since it was prepared")
+  if changed:
+    return (f"warning: reusing the prepared set {directory} ({count}), but {' and '.join(changed)}; it is keyed by "
+            f"the source spec, not the files: delete {directory} to prepare the files as they are now")
+  return f"note: reusing the prepared set {directory} ({count} of {source!r}; delete it to prepare again)"
 
 
 def _split_budget(max_bytes: int, val_percent: float, split: str) -> int:
@@ -346,8 +369,9 @@ def _complete_meta(directory: epath.Path, key: dict[str, Any]) -> dict[str, Any]
   return meta
 
 
+@cli.command(then="rerun the same command (shards already written are kept)")
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--source", default="stdlib",
                       help="'stdlib', 'glob:PATTERN', 'jsonl:PATTERN', 'parquet:PATTERN' or 'hf:DIR'")
   parser.add_argument("--vocab_size", type=int, default=8192,
@@ -370,12 +394,13 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
   start = time.perf_counter()
-  try:
-    prepared = prepare(args.source, args.vocab_size, args.cache_dir, args.tokenizer or None,
-                       args.text_field, args.val_percent, args.max_bytes,
-                       shard_index=args.shard_index, num_shards=args.num_shards)
-  except ValueError as e:
-    raise SystemExit(f"error: {e}") from None
+  cli.check_range("--vocab_size", args.vocab_size, 1)
+  cli.check_range("--val_percent", args.val_percent, 0, 100)
+  cli.check_range("--max_bytes", args.max_bytes, 0)
+  cli.check_range("--num_shards", args.num_shards, 1)
+  prepared = prepare(args.source, args.vocab_size, args.cache_dir, args.tokenizer or None,
+                     args.text_field, args.val_percent, args.max_bytes,
+                     shard_index=args.shard_index, num_shards=args.num_shards)
   if prepared is None:
     print(f"tokenized this process's shards in {time.perf_counter() - start:.1f} s; the process "
           f"that finishes the last shard writes meta.json")
