@@ -3,8 +3,10 @@
 Training (its periodic samples) and `moa_jax.sample` (the CLI) both import this module; neither
 imports the other.
 
-No KV cache: each new token reruns the causal model over a fixed-length buffer (one compile), which
-is plenty for looking at what a small model has learned.
+Dense models decode with a KV cache (`moa_jax.kv_cache`: the prompt in one pass, then one token per
+step). `generate` is the uncached loop, kept as the reference and for MoE models: each new token reruns
+the causal model over a fixed-length buffer (one compile). Tokens/s of both:
+`python experiments/bench_generate.py`.
 """
 
 from __future__ import annotations
@@ -15,10 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moa_jax import kv_cache
+
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "top_k"))
 def _next_token(apply_fn, params, buffer, position, key, temperature, top_k):
-  logits = apply_fn({"params": params}, buffer)[0, position - 1]        # (V,)
+  return _pick(apply_fn({"params": params}, buffer)[0, position - 1], key, temperature, top_k)
+
+
+@functools.partial(jax.jit, static_argnames=("top_k",))
+def _pick(logits, key, temperature, top_k):
+  """logits (V,) -> one token: greedy at temperature 0, else sampled from the top_k."""
   if top_k and top_k < logits.shape[-1]:
     kth = jax.lax.top_k(logits, top_k)[0][-1]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -48,8 +57,33 @@ def generate(apply_fn, params, prompt: list[int], max_new_tokens: int, *, temper
   return out
 
 
+def generate_cached(model, params, prompt: list[int], max_new_tokens: int, *, temperature: float = 0.8,
+                    top_k: int = 40, seed: int = 0, eos_id: int | None = None) -> list[int]:
+  """`generate` through a KV cache (dense models): the same tokens, without recomputing the prefix."""
+  if not prompt:
+    raise ValueError("the prompt is empty; give at least one token")
+  spec = model.spec
+  cache = kv_cache.init_cache(spec, 1, len(prompt) + max_new_tokens)
+  logits, cache = kv_cache.forward(spec, params, jnp.asarray([prompt], jnp.int32), cache, jnp.int32(0))
+  key, out, position = jax.random.key(seed), [], len(prompt)
+  for _ in range(max_new_tokens):
+    key, sub = jax.random.split(key)
+    token = _pick(logits[0, -1], sub, temperature, top_k)
+    out.append(int(token))
+    if (eos_id is not None and out[-1] == eos_id) or len(out) == max_new_tokens:
+      break
+    logits, cache = kv_cache.forward(spec, params, token.reshape(1, 1), cache, jnp.int32(position))
+    position += 1
+  return out
+
+
 def continue_text(model, tokenizer, params, prompt_ids: list[int], max_new_tokens: int, *, temperature: float,
                   top_k: int, seed: int) -> str:
   """The decoded continuation of `prompt_ids` under a Flax model and its tokenizer."""
-  return tokenizer.decode(generate(model.apply, params, prompt_ids, max_new_tokens, temperature=temperature,
-                                   top_k=top_k, seed=seed, eos_id=tokenizer.eos_id))
+  if kv_cache.supported(model.spec):
+    ids = generate_cached(model, params, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                          seed=seed, eos_id=tokenizer.eos_id)
+  else:
+    ids = generate(model.apply, params, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                   seed=seed, eos_id=tokenizer.eos_id)
+  return tokenizer.decode(ids)
