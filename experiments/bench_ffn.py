@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from moa_jax import activations, kernels
-from moa_jax.kernels import mix
+from moa_jax.kernels import entry
 from bench_timing import fmt, median_ms, temp_mb  # experiments/bench_timing.py, beside this script
 
 MOA = activations.PAPER_DICTIONARY  # the paper's seven functions, GELU in its tanh form
@@ -184,7 +184,7 @@ def bench_kernel(args, errors, dtype, rows, save):
       if label == "xla":
         mixer = functools.partial(activations.mix_product_reference, names=MOA)
       else:
-        mixer = functools.partial(mix.mix_product, names=MOA, **blocks)
+        mixer = functools.partial(entry.mix_product, names=MOA, **blocks)
       call = lambda h, c, u=None, cu=None: mixer(h, c, u=u, coef_u=cu,
                                                  names_u=None if cu is None else MOA)
       forward = jax.jit(call)

@@ -3,10 +3,11 @@
     mix_product(h, coef, names, u, coef_u, names_u, impl="xla" | "pallas")
 
 impl="xla" is `activations.mix_product_reference` (plain jnp, XLA fuses it; every backend);
-impl="pallas" is the fused kernel (`kernels.mix`), run per device in shard_map under a
-multi-device mesh. Layout: mix.py (shared block maths, custom VJP, public kernel entry),
-forms.py (the dictionary as shared bases), triton.py (GPU), tpu.py (TPU; CPU interpreted).
-Import arrows: activations ← kernels ← ffn; the Pallas modules are imported on first use.
+impl="pallas" is the fused kernel (`kernels.entry`), run per device in shard_map under a
+multi-device mesh. Layout: forms.py (the dictionary as shared bases) ← mix.py (block maths,
+tiling, custom VJP) ← triton.py (GPU) / tpu.py (TPU; CPU interpreted) ← entry.py (picks the
+layout; the public jitted call). Import arrows: activations ← kernels ← ffn, and one way inside
+kernels; the Pallas modules are imported on first use.
 """
 
 from __future__ import annotations
@@ -35,17 +36,17 @@ def mix_product(h: Array, coef: Array, names: Sequence[str], u: Array | None = N
     return activations.mix_product_reference(h, coef, names, u, coef_u, names_u)
   if impl != "pallas":
     raise ValueError(f"model.ffn.impl = {impl!r}; known: {', '.join(IMPLS)}")
-  from moa_jax.kernels import mix  # imported lazily: the Pallas import is slow
+  from moa_jax.kernels import entry  # imported lazily: the Pallas import is slow
   mesh = _auto_mesh()
   if mesh is None:
-    return mix.mix_product(h, coef, names, u, coef_u, names_u)
+    return entry.mix_product(h, coef, names, u, coef_u, names_u)
   if h.ndim not in _LOGICAL_AXES:
     raise ValueError(f"the pallas mixing kernel on a {mesh.size}-device mesh takes h of rank "
                      f"{' or '.join(map(str, _LOGICAL_AXES))}, got shape {h.shape}; reshape to "
                      "(batch, length, F) or use model.ffn.impl='xla'")
   import flax.linen as nn
   spec = nn.logical_to_mesh_axes(_LOGICAL_AXES[h.ndim])
-  return mix.mix_product_sharded(h, coef, names, u, coef_u, names_u, mesh=mesh, spec=spec)
+  return entry.mix_product_sharded(h, coef, names, u, coef_u, names_u, mesh=mesh, spec=spec)
 
 
 def _auto_mesh():
