@@ -66,35 +66,76 @@ def tanh_fn(spec: Spec):
 
 
 # ---------------------------------------------------------------------------------------------
-# Block maths, fp32, shared by every backend. h, u, dy: (bt, bf); cols: K gate columns (bt, 1).
+# Block maths, fp32, shared by every backend. h, u, dy: (bt, bf); cols: K gate columns (bt, 1),
+# or with GroupLanes(n > 1) one such list per channel group the block holds.
 
 
-def forward_block(spec: Spec, h: Array, cols, u: Array | None, cols_u) -> Array:
+@dataclasses.dataclass(frozen=True)
+class GroupLanes:
+  """How a (bt, bf) block's channels map to channel groups: n = 1, all one group's (the gates'
+  coefficients broadcast along the row); n > 1, n whole groups of `width` channels side by side
+  (TPU, when a group's width is no multiple of 128: the block spans groups instead of padding)."""
+  n: int = 1
+  width: int = 0
+
+  def _lane(self, shape) -> Array:
+    return jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+
+  def coefs(self, names, cols, which: int, shape) -> dict[str, Array]:
+    """basis -> coefficient: (bt, 1) for n = 1, else (bt, bf) selected per lane's group."""
+    if self.n == 1:
+      return forms.basis_coefs(names, cols, which)
+    per = [forms.basis_coefs(names, c, which) for c in cols]
+    lane = self._lane(shape)
+    out = {}
+    for b, c in per[0].items():
+      c = jnp.broadcast_to(c, shape)
+      for r in range(1, self.n):
+        c = jnp.where(lane >= r * self.width, per[r][b], c)
+      out[b] = c
+    return out
+
+  def row_sums(self, x: Array) -> list[Array]:
+    """Per group, the (bt, 1) sum of x over that group's lanes."""
+    if self.n == 1:
+      return [jnp.sum(x, axis=1, keepdims=True)]
+    lane = self._lane(x.shape)
+    inside = lambda r: (lane >= r * self.width) & (lane < (r + 1) * self.width)
+    return [jnp.sum(jnp.where(inside(r), x, 0.0), axis=1, keepdims=True) for r in range(self.n)]
+
+
+ONE_GROUP = GroupLanes()
+
+
+def forward_block(spec: Spec, h: Array, cols, u: Array | None, cols_u,
+                  lanes: GroupLanes = ONE_GROUP) -> Array:
   tanh = tanh_fn(spec)
-  y = forms.combine(forms.basis_coefs(spec.names, cols, 0), forms.Basis(h, tanh))
+  y = forms.combine(lanes.coefs(spec.names, cols, 0, h.shape), forms.Basis(h, tanh))
   if u is None:
     return y
   if spec.bi:
-    u = forms.combine(forms.basis_coefs(spec.names_u, cols_u, 0), forms.Basis(u, tanh))
+    u = forms.combine(lanes.coefs(spec.names_u, cols_u, 0, h.shape), forms.Basis(u, tanh))
   return y * u
 
 
-def backward_block(spec: Spec, h: Array, cols, u: Array | None, cols_u, dy: Array, row_sum):
+def backward_block(spec: Spec, h: Array, cols, u: Array | None, cols_u, dy: Array, row_sum,
+                   lanes: GroupLanes = ONE_GROUP):
   """(dh, du, sums, sums_u): sums map each basis b_j of σ to row_sum(dm ⊙ b_j(h)), the
   reductions dc is made of (`forms.coef_grads`); du and sums_u are None when unused."""
   tanh = jnp.tanh  # exact whatever the precision: every value here feeds a gradient
   hb = forms.Basis(h, tanh)
+  coefs = lambda names, c, which: lanes.coefs(names, c, which, h.shape)
   dm, du, sums_u = dy, None, None  # dm = dL/dm(h)
   if u is not None:
-    dv = dy * forms.combine(forms.basis_coefs(spec.names, cols, 0), hb)  # dL/d(other branch)
+    dv = dy * forms.combine(coefs(spec.names, cols, 0), hb)  # dL/d(other branch)
     if spec.bi:
       ub = forms.Basis(u, tanh)
-      dm = dy * forms.combine(forms.basis_coefs(spec.names_u, cols_u, 0), ub)
-      du = dv * forms.combine(forms.basis_coefs(spec.names_u, cols_u, 1), ub)
+      dm = dy * forms.combine(coefs(spec.names_u, cols_u, 0), ub)
+      du = dv * forms.combine(coefs(spec.names_u, cols_u, 1), ub)
       sums_u = {b: row_sum(dv * ub[b]) for b in forms.fn_bases(spec.names_u)}
     else:
       dm, du = dy * u, dv
-  dh = dm * forms.combine(forms.basis_coefs(spec.names, cols, 1), hb)
+  dh = dm * forms.combine(coefs(spec.names, cols, 1), hb)
   sums = {b: row_sum(dm * hb[b]) for b in forms.fn_bases(spec.names)}
   return dh, du, sums, sums_u
 
@@ -108,11 +149,12 @@ class Tiling:
   bt: int     # tokens per block
   bf: int     # channels per block (within one group)
   t_pad: int  # T rounded up to bt
-  f_pad: int  # Fg rounded up to bf
+  f_pad: int  # Fg rounded up to bf (bf when a block holds several whole groups)
+  groups_per_block: int = 1  # n > 1: bf = n·Fg, the block spans n whole groups (GroupLanes)
 
   @property
-  def f_blocks(self) -> int:
-    return self.f_pad // self.bf
+  def f_blocks(self) -> int:  # channel blocks per group (1 when a block spans groups)
+    return self.f_pad * self.groups_per_block // self.bf
 
 
 def pow2_tile(n: int, target: int, floor: int = 1) -> tuple[int, int]:
@@ -176,11 +218,13 @@ def pad_gates(c: Array, kp: int, t_pad: int) -> Array:
   return jnp.pad(c, ((0, 0), (0, kp - k), (0, t_pad - t)))
 
 
-def block_inputs(spec: Spec, tl: Tiling, kpad, h, gates, u, gates_u, x_spec, gate_index):
+def block_inputs(spec: Spec, tl: Tiling, kpad, h, gates, u, gates_u, x_spec, gate_index,
+                 gate_groups: int | None = None):
   """The padded kernel operands (h, gates[, u][, gates_u]) and their BlockSpecs, for either backend:
-  x_spec blocks (T, F) operands, gate_index maps a grid index to a (G, Kp, T) gate block."""
+  x_spec blocks (T, F) operands, gate_index maps a grid index to a (G, Kp, T) gate block of
+  gate_groups groups (None: one, squeezed)."""
   groups = gates.shape[0]
-  gate_spec = lambda c: pl.BlockSpec((None, kpad(c.shape[1]), tl.bt), gate_index)
+  gate_spec = lambda c: pl.BlockSpec((gate_groups, kpad(c.shape[1]), tl.bt), gate_index)
   args = [pad_x(h, groups, tl), pad_gates(gates, kpad(gates.shape[1]), tl.t_pad)]
   in_specs = [x_spec, gate_spec(gates)]
   if spec.glu:
