@@ -56,3 +56,34 @@ def test_padding_check_can_fail():
 def test_block_too_big_for_vmem_is_one_line_error():
   with pytest.raises(ValueError, match=r"needs ~\d+ MiB of VMEM, above 64 MiB; pass a smaller block_t"):
     _tpu_module(4096, 5632, 8, block_t=4096)
+
+
+def _custom_calls(text):
+  """(cost estimate, [tensor types]) of every tpu_custom_call in an exported module."""
+  out = []
+  for line in text.splitlines():
+    if "stablehlo.custom_call @tpu_custom_call" not in line:
+      continue
+    est = dict(re.findall(r"\\22(\w+)\\22:(\d+)", line.split("cost_estimate", 1)[1].split("}", 1)[0]))
+    types = re.findall(r"tensor<([0-9x]+)x(bf16|f32)>", line.rsplit("} :", 1)[1])
+    out.append(({k: int(v) for k, v in est.items()}, types))
+  return out
+
+
+@pytest.mark.parametrize("glu,bi", [(False, False), (True, False), (True, True)])
+def test_cost_estimates_match_the_work(glu, bi):
+  """Each pallas_call's CostEstimate: bytes = its operands and results as the HLO types them;
+  FLOPs and transcendentals counted from the shapes and the activation table (the paper's
+  seven functions cost three tanh per element and side: tanh z, tanh z/2, tanh g)."""
+  t, f = 256, 5632
+  calls = _custom_calls(_tpu_module(t, f, 8, glu=glu, bi=bi))
+  assert len(calls) == 2
+  sides = 2 if bi else 1
+  table = sum(activations.ACTIVATIONS[n].flops + 2 for n in PAPER)
+  want_flops = {"fwd": sides * table + (1 if glu else 0),
+                "bwd": sides * (2 * table + 2 * len(PAPER)) + (3 if glu else 0)}
+  for (est, types), direction in zip(calls, ("fwd", "bwd")):
+    nbytes = sum(eval(dims.replace("x", "*")) * (2 if dt == "bf16" else 4) for dims, dt in types)
+    assert est["bytes_accessed"] == nbytes, (direction, est, types)
+    assert est["flops"] == t * f * want_flops[direction], (direction, est)
+    assert est["transcendentals"] == t * f * 3 * sides, (direction, est)

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from moa_jax import activations
 from moa_jax.kernels import forms
 
 Array = jax.Array
@@ -138,6 +140,27 @@ def backward_block(spec: Spec, h: Array, cols, u: Array | None, cols_u, dy: Arra
   dh = dm * forms.combine(coefs(spec.names, cols, 1), hb)
   sums = {b: row_sum(dm * hb[b]) for b in forms.fn_bases(spec.names)}
   return dh, du, sums, sums_u
+
+
+def cost_estimate(spec: Spec, operands, results, backward: bool) -> pl.CostEstimate:
+  """What one pallas_call does, for XLA's scheduler. Per element of h, each side costs its
+  activations' table FLOPs plus one FMA (2 FLOPs) per activation; the backward forms σ and σ′
+  and sums into dc (twice the forward, plus one FMA per activation); the product ⊙ u one FLOP
+  forward, three backward. Transcendentals: one per distinct tanh / exp of the bases used.
+  Bytes: every operand and result, read or written once."""
+  sides = [spec.names] + ([spec.names_u] if spec.bi else [])
+  table = lambda side: sum(activations.ACTIVATIONS[n].flops + 2 for n in side)
+  per_side = [2 * table(side) + 2 * len(side) if backward else table(side) for side in sides]
+  per_elem = sum(per_side) + ((3 if backward else 1) if spec.glu else 0)
+  calls = sum(forms.transcendentals(forms.fn_bases(side)
+                                    + (forms.grad_bases(side) if backward else ()))
+              for side in sides)  # each side on its own input
+  elems = math.prod(operands[0].shape)
+  nbytes = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+               for x in (*operands, *jax.tree.leaves(results)))
+  return pl.CostEstimate(flops=elems * per_elem,
+                         transcendentals=elems * calls,
+                         bytes_accessed=nbytes)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ class Layout:
         functools.partial(kernel, spec=spec, lanes=lanes), out_shape=out_shape,
         grid=(tl.t_pad // tl.bt, groups // n, nf), in_specs=in_specs, out_specs=out_specs,
         compiler_params=self.compiler_params(spec, tl, backward), interpret=spec.interpret,
+        cost_estimate=mix.cost_estimate(spec, args, out_shape, backward),
         name="mix_product_bwd" if backward else "mix_product_fwd",
     )(*args)
     return outs, tl
