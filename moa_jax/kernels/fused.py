@@ -6,17 +6,20 @@ Forward: one Pallas matmul per (bt, bf) output block. Each program loops over D 
 slices, accumulating h and u in fp32 from the same x slice: the W1 and W2 tiles of one block
 index arrive together, which is x·[W1 | W2] with tile-interleaved weights, without building
 the concatenated matrix. The epilogue rounds h and u to x's dtype (as the XLA einsum does), then
-runs `mix.forward_block`, and writes y. h and u never reach HBM.
+runs `mix.forward_block`, and writes y. Under differentiation it also writes the rounded h and u
+for the backward (XLA's SwiGLU saves the same two arrays); a forward-only call writes y alone.
 
 Gate logits x·U are computed first, in XLA (`ffn.Mixer`). They are a (T, D)·(D, G·K) matmul,
 0.1% of the FFN's FLOPs at K = 7, G = 1, d_ff = 5632. Every F block of a token row needs the
 whole row's gates, so fusing them would recompute them in every F block (×F/bf) or serialise
 the blocks.
 
-Backward (custom VJP; residuals x, W1, W2 and the gates, which the FFN keeps anyway, so no T×F
-activation is saved): h and u are recomputed by XLA matmuls, then the separate-pass mixing
-backward (`layout.backward`) gives dh, du and dc, then XLA computes dx, dW1 and dW2. The fused
-backward epilogue (dOut·W3ᵀ with dh, du and dc in its epilogue) is not built: docs/kernel.md.
+Backward (custom VJP; residuals x, W1, W2, h, u and the gates: SwiGLU's activation memory):
+the separate-pass mixing backward (`layout.backward`) gives dh, du and dc, then XLA computes
+dx, dW1 and dW2. Saving h and u beats recomputing them: recomputing costs two T×D×F matmuls
+(~1.3 ms at the anchor shape at 593 TFLOP/s), while saving them costs four T×F array transfers
+(~0.15 ms at 4.8 TB/s). The fused backward epilogue (dOut·W3ᵀ with dh, du and dc in it) is not
+built; docs/kernel.md says what is missing.
 """
 
 from __future__ import annotations
@@ -36,11 +39,11 @@ Array = jax.Array
 
 
 def _forward_kernel(x_ref, w1_ref, c_ref, *refs, spec: mix.Spec, lanes: mix.GroupLanes,
-                    columns, bk: int):
+                    columns, bk: int, save: bool):
   refs = list(refs)
   w2_ref = refs.pop(0) if spec.glu else None
   cu_ref = refs.pop(0) if spec.bi else None
-  (y_ref,) = refs
+  y_ref, *saved = refs  # saved: h_ref[, u_ref] when the backward will need them
   bt, bf = y_ref.shape
 
   def step(k, acc):
@@ -51,8 +54,11 @@ def _forward_kernel(x_ref, w1_ref, c_ref, *refs, spec: mix.Spec, lanes: mix.Grou
 
   zeros = tuple(jnp.zeros((bt, bf), jnp.float32) for _ in range(2 if spec.glu else 1))
   acc = lax.fori_loop(0, x_ref.shape[1] // bk, step, zeros)
-  h, u = (a.astype(x_ref.dtype).astype(jnp.float32) for a in acc) if spec.glu else (
-      acc[0].astype(x_ref.dtype).astype(jnp.float32), None)
+  rounded = [a.astype(x_ref.dtype) for a in acc]  # as the XLA einsum rounds h and u
+  for ref, a in zip(saved, rounded):
+    ref[...] = a
+  h, u = (a.astype(jnp.float32) for a in rounded) if spec.glu else (
+      rounded[0].astype(jnp.float32), None)
   cols = columns(c_ref, len(spec.names), lanes)
   cols_u = columns(cu_ref, len(spec.names_u), lanes) if spec.bi else None
   y_ref[...] = mix.forward_block(spec, h, cols, u, cols_u, lanes).astype(y_ref.dtype)
@@ -66,7 +72,8 @@ def _gpu_columns(c_ref, k, lanes):
   return triton._columns(c_ref, k)
 
 
-def _forward(spec: mix.Spec, bk: int, x, w1, w2, gates, gates_u) -> Array:
+def _forward(spec: mix.Spec, bk: int, save: bool, x, w1, w2, gates, gates_u):
+  """y (T, F), and with save also h[, u] (T, F) for the backward."""
   layout = spec.layout
   (t, d), f, groups = x.shape, w1.shape[1], gates.shape[0]
   fg = f // groups
@@ -97,34 +104,34 @@ def _forward(spec: mix.Spec, bk: int, x, w1, w2, gates, gates_u) -> Array:
   if layout.name == "tpu":
     params = layout.compiler_params(spec, tl, False)
   y_shape = jax.ShapeDtypeStruct((tl.t_pad, f), x.dtype)
+  outs = [y_shape] * (1 + ((2 if spec.glu else 1) if save else 0))
   cost = mix.cost_estimate(spec, [y_shape], y_shape, False)
   matmul_flops = 2 * tl.t_pad * d * f * (2 if spec.glu else 1)
-  nbytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in args) + tl.t_pad * f * x.dtype.itemsize
-  y = pl.pallas_call(
+  nbytes = sum(math.prod(a.shape) * a.dtype.itemsize for a in args) + len(outs) * tl.t_pad * f * x.dtype.itemsize
+  outs = pl.pallas_call(
       functools.partial(_forward_kernel, spec=spec, lanes=mix.GroupLanes(n, fg), columns=columns,
-                        bk=bk),
-      out_shape=y_shape, grid=(tl.t_pad // tl.bt, groups // n, nf), in_specs=in_specs,
-      out_specs=y_spec, compiler_params=params, interpret=spec.interpret,
+                        bk=bk, save=save),
+      out_shape=outs, grid=(tl.t_pad // tl.bt, groups // n, nf), in_specs=in_specs,
+      out_specs=[y_spec] * len(outs), compiler_params=params, interpret=spec.interpret,
       cost_estimate=pl.CostEstimate(flops=cost.flops + matmul_flops,
                                     transcendentals=cost.transcendentals, bytes_accessed=nbytes),
       name="fused_up_mix_fwd",
   )(*args)
-  return y[:t] if tl.t_pad != t else y
+  return [o[:t] for o in outs] if tl.t_pad != t else outs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _fused(spec: mix.Spec, bk: int, x, w1, w2, gates, gates_u):
-  return _forward(spec, bk, x, w1, w2, gates, gates_u)
+  return _forward(spec, bk, False, x, w1, w2, gates, gates_u)[0]
 
 
 def _fused_fwd(spec, bk, x, w1, w2, gates, gates_u):
-  return _forward(spec, bk, x, w1, w2, gates, gates_u), (x, w1, w2, gates, gates_u)
+  y, h, *u = _forward(spec, bk, True, x, w1, w2, gates, gates_u)
+  return y, (x, w1, w2, h, u[0] if u else None, gates, gates_u)
 
 
 def _fused_bwd(spec, bk, residuals, dy):
-  x, w1, w2, gates, gates_u = residuals
-  h = x @ w1  # (T, F), recomputed: the forward never wrote it
-  u = x @ w2 if spec.glu else None
+  x, w1, w2, h, u, gates, gates_u = residuals  # h, u (T, F): saved, as XLA saves SwiGLU's
   dh, dc, du, dcu = spec.layout.backward(spec, h, gates, u, gates_u, dy)
   dx = dh @ w1.T + (du @ w2.T if spec.glu else 0)
   dw1 = x.T @ dh
