@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from moa_jax import activations
-from moa_jax.kernels import entry, mix, tpu
+from moa_jax.kernels import entry, tpu
 
 PAPER = activations.PAPER_DICTIONARY
 

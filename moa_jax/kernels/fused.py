@@ -64,11 +64,7 @@ def _forward_kernel(x_ref, w1_ref, c_ref, *refs, spec: mix.Spec, lanes: mix.Grou
   y_ref[...] = mix.forward_block(spec, h, cols, u, cols_u, lanes).astype(y_ref.dtype)
 
 
-def _tpu_columns(c_ref, k, lanes):
-  return tpu._columns(c_ref, k, lanes)
-
-
-def _gpu_columns(c_ref, k, lanes):
+def _gpu_columns(c_ref, k, lanes):  # Triton blocks hold one group
   return triton._columns(c_ref, k)
 
 
@@ -79,7 +75,8 @@ def _forward(spec: mix.Spec, bk: int, save: bool, x, w1, w2, gates, gates_u):
   fg = f // groups
   if layout.name == "tpu":
     tl = layout.tiling(t, fg, groups, False, spec.block_t, spec.block_f)
-    columns, gate_groups, params = _tpu_columns, tl.groups_per_block, None
+    columns, gate_groups = tpu._columns, tl.groups_per_block
+    params = layout.compiler_params(spec, tl, False)
   else:
     tl = layout.tiling(t, fg, False, spec.block_t, spec.block_f)
     columns, gate_groups, params = _gpu_columns, None, layout.compiler_params()
@@ -101,8 +98,6 @@ def _forward(spec: mix.Spec, bk: int, save: bool, x, w1, w2, gates, gates_u):
   if spec.bi:
     args.append(mix.pad_gates(gates_u, kp(gates_u.shape[1]), tl.t_pad))
     in_specs.append(gate_spec(gates_u))
-  if layout.name == "tpu":
-    params = layout.compiler_params(spec, tl, False)
   y_shape = jax.ShapeDtypeStruct((tl.t_pad, f), x.dtype)
   outs = [y_shape] * (1 + ((2 if spec.glu else 1) if save else 0))
   cost = mix.cost_estimate(spec, [y_shape], y_shape, False)
