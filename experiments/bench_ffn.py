@@ -1,13 +1,15 @@
-"""FFN forward+backward time and memory: fixed, MoA-7 and bi-MoA-7, XLA vs the fused kernel.
+"""FFN forward+backward time and memory: fixed, MoA-7 and bi-MoA-7, XLA vs the Pallas kernels.
 
 Reproduces the H200 anchors of docs/kernel.md on whatever device is present (there: T=16384, d=2048, F=5632, bf16, K=7):
 
     python experiments/bench_ffn.py                       # H200 / TPU, the anchor shape
+    python experiments/bench_ffn.py --skip kernel,copy    # the FFN table only (xla, pallas, fused)
     python experiments/bench_ffn.py --tokens=256 --d_model=128 --d_ff=256 --iters=2   # CPU
 
 Prints three markdown tables and writes JSON to --out ($OUT/bench_ffn.json when OUT is set):
   1. each FFN variant's fwd+bwd step (grads for weights and input): median ms and XLA temp memory
-     for impl "xla" and "pallas", each × its family's XLA baseline (GELU MLP, SwiGLU);
+     for impl "xla", "pallas" (separate mixing pass) and "fused" (mixing in the W1/W2 matmul
+     epilogue), each × its family's XLA baseline (GELU MLP, SwiGLU);
   2. the mixing alone (fwd, fwd+bwd) against the HBM bytes it must move, in GB/s;
   3. a large device copy: the bandwidth ceiling.
 Every measurement is wrapped: a failing lowering prints its error and the run continues.
@@ -26,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from moa_jax import activations, kernels
-from moa_jax.kernels import mix
+from moa_jax.kernels import entry
 from bench_timing import fmt, median_ms, temp_mb  # experiments/bench_timing.py, beside this script
 
 MOA = activations.PAPER_DICTIONARY  # the paper's seven functions, GELU in its tanh form
@@ -40,38 +42,40 @@ def _gates(x, w, b):
   return jax.nn.sigmoid((x @ w).astype(jnp.float32) + b)[:, None, :]  # (T, G=1, K)
 
 
-def gelu_mlp(p, x, impl):
+def _hidden(p, x, impl, coef, names, glu=False, coef_u=None):
+  """m(x·W1) [⊙ x·W2 | ⊙ m_u(x·W2)]: matmuls then the mixing, or both in one kernel (fused)."""
+  names_u = None if coef_u is None else names
+  if impl == "fused":
+    return kernels.fused_mix_product(x, p["w1"], coef, names, p["w2"] if glu else None, coef_u,
+                                     names_u)
   h = x @ p["w1"]  # (T, F)
+  u = x @ p["w2"] if glu else None
+  return kernels.mix_product(h, coef, names, u, coef_u, names_u, impl=impl)
+
+
+def gelu_mlp(p, x, impl):
   if impl == "xla":
-    a = jax.nn.gelu(h, approximate=True)
-  else:
-    a = kernels.mix_product(h, jnp.ones((1, 1)), ("gelu_tanh",), impl=impl)
-  return a @ p["w3"]
+    return jax.nn.gelu(x @ p["w1"], approximate=True) @ p["w3"]
+  return _hidden(p, x, impl, jnp.ones((1, 1)), ("gelu_tanh",)) @ p["w3"]
 
 
 def moa_type1(p, x, impl):
-  h = x @ p["w1"]
-  return kernels.mix_product(h, _gates(x, p["u"], p["b"]), MOA, impl=impl) @ p["w3"]
+  return _hidden(p, x, impl, _gates(x, p["u"], p["b"]), MOA) @ p["w3"]
 
 
 def swiglu(p, x, impl):
-  h, u = x @ p["w1"], x @ p["w2"]
   if impl == "xla":
-    a = jax.nn.silu(h) * u
-  else:
-    a = kernels.mix_product(h, jnp.ones((1, 1)), ("silu",), u, impl=impl)
-  return a @ p["w3"]
+    return (jax.nn.silu(x @ p["w1"]) * (x @ p["w2"])) @ p["w3"]
+  return _hidden(p, x, impl, jnp.ones((1, 1)), ("silu",), glu=True) @ p["w3"]
 
 
 def moa_one_sided(p, x, impl):
-  h, u = x @ p["w1"], x @ p["w2"]
-  return kernels.mix_product(h, _gates(x, p["u"], p["b"]), MOA, u, impl=impl) @ p["w3"]
+  return _hidden(p, x, impl, _gates(x, p["u"], p["b"]), MOA, glu=True) @ p["w3"]
 
 
 def bi_moa(p, x, impl):
-  h, u = x @ p["w1"], x @ p["w2"]
-  a = kernels.mix_product(h, _gates(x, p["u"], p["b"]), MOA, u,
-                              _gates(x, p["u2"], p["b2"]), MOA, impl=impl)
+  a = _hidden(p, x, impl, _gates(x, p["u"], p["b"]), MOA, glu=True,
+              coef_u=_gates(x, p["u2"], p["b2"]))
   return a @ p["w3"]
 
 
@@ -184,7 +188,7 @@ def bench_kernel(args, errors, dtype, rows, save):
       if label == "xla":
         mixer = functools.partial(activations.mix_product_reference, names=MOA)
       else:
-        mixer = functools.partial(mix.mix_product, names=MOA, **blocks)
+        mixer = functools.partial(entry.mix_product, names=MOA, **blocks)
       call = lambda h, c, u=None, cu=None: mixer(h, c, u=u, coef_u=cu,
                                                  names_u=None if cu is None else MOA)
       forward = jax.jit(call)
@@ -237,7 +241,8 @@ def main():
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--dtype", default="bfloat16")
-  parser.add_argument("--impls", default="xla,pallas", help="comma-separated: xla, pallas")
+  parser.add_argument("--impls", default="xla,pallas,fused",
+                      help="comma-separated: xla, pallas, fused")
   parser.add_argument("--sweep", type=parse_blocks, default=None,
                       help="extra kernel blocks to time alone, e.g. 2x512,4x512 (block_t x "
                            "block_f); default: a few on GPU, none elsewhere")

@@ -41,7 +41,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from moa_jax import activations  # noqa: E402
-from moa_jax.kernels import mix, triton as mix_triton  # noqa: E402
+from moa_jax.kernels import entry, triton as mix_triton  # noqa: E402
 
 T, F = 16384, 5632  # the H200 anchor shape (docs/kernel.md)
 PAPER = activations.PAPER_DICTIONARY
@@ -89,7 +89,7 @@ def lower_variant(v: Variant, **kernel_kwargs) -> list[dict]:
   names_u = v.names if v.kind == "bi" else None
 
   def loss(h, c, u, cu):
-    y = mix.mix_product(h, c, v.names, u, cu, names_u, backend="gpu", interpret=False,
+    y = entry.mix_product(h, c, v.names, u, cu, names_u, backend="gpu", interpret=False,
                         **kernel_kwargs)
     return jnp.sum(y.astype(jnp.float32))
 

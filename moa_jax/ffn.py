@@ -56,14 +56,14 @@ class FFNSpec:
   gate_bias_init: float = 4.0              # moa: logit margin of `primary` at init
   groups: int = 1                          # G channel groups, each with its own coefficients
   d_ff: int = 0                            # hidden width F
-  impl: str = "xla"                        # xla | pallas: the mixing implementation
+  impl: str = "xla"                        # xla | pallas | fused (mixing in the W1/W2 matmul epilogue)
 
   def __post_init__(self):
     _choice("model.ffn.type", self.type, FFN_TYPES)
     _choice("model.ffn.mix", self.mix, MIXES)
     _choice("model.ffn.sides", self.sides, SIDES)
     _choice("model.ffn.gate", self.gate, tuple(GATES))
-    _choice("model.ffn.impl", self.impl, ("xla", "pallas"))
+    _choice("model.ffn.impl", self.impl, kernels.IMPLS)
     names = activations.check_names(self.activations)
     object.__setattr__(self, "activations", names)
     if self.mix == "fixed" and len(names) != 1:
@@ -167,16 +167,20 @@ class FFN(nn.Module):
   def __call__(self, x: Array) -> Array:
     s, d, f = self.spec, x.shape[-1], self.spec.d_ff
     x = x.astype(self.dtype)
-    w1 = param(self, "w1", (d, f), ("embed", "mlp"), dense_init(d), self.param_dtype)
-    h = jnp.einsum("BTD,DF->BTF", x, w1.astype(self.dtype))
-    u = None
+    w1 = param(self, "w1", (d, f), ("embed", "mlp"), dense_init(d), self.param_dtype).astype(self.dtype)
+    w2 = None
     if s.type == "glu":
-      w2 = param(self, "w2", (d, f), ("embed", "mlp"), dense_init(d), self.param_dtype)
-      u = jnp.einsum("BTD,DF->BTF", x, w2.astype(self.dtype))
+      w2 = param(self, "w2", (d, f), ("embed", "mlp"), dense_init(d), self.param_dtype).astype(self.dtype)
     coef = coef_u = None
     if s.mix != "fixed":
       coef = Mixer(s, s.primary, self.param_dtype, name="mix")(x)
       coef_u = Mixer(s, s.primary_u, self.param_dtype, name="mix_u")(x) if s.bi_sided else None
-    y = mix_hidden(s, h, u, coef, coef_u)
+    if s.impl == "fused" and s.mix != "fixed":  # the mixing in the x·[W1|W2] epilogue
+      y = kernels.fused_mix_product(x, w1, coef, s.activations, w2, coef_u,
+                                    s.activations if s.bi_sided else None)
+    else:
+      h = jnp.einsum("BTD,DF->BTF", x, w1)
+      u = None if w2 is None else jnp.einsum("BTD,DF->BTF", x, w2)
+      y = mix_hidden(s, h, u, coef, coef_u)
     w3 = param(self, "w3", (f, d), ("mlp", "embed"), dense_init(f, self.out_scale), self.param_dtype)
     return jnp.einsum("BTF,FD->BTD", y, w3.astype(self.dtype))

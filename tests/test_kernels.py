@@ -20,7 +20,7 @@ from jax.experimental import pallas as pl
 
 from moa_jax import activations
 from moa_jax import kernels
-from moa_jax.kernels import forms, mix, tpu, triton as mix_triton
+from moa_jax.kernels import entry, forms, mix, tpu, triton as mix_triton
 
 ALL = tuple(activations.ACTIVATIONS)  # all 8 table entries
 PAPER = activations.PAPER_DICTIONARY
@@ -55,7 +55,7 @@ def _outputs_and_grads(fn, h, coef, u, coef_u, dy):
 
 
 def _check(names, h, coef, u, coef_u, names_u, dy, dtype, **kernel_kwargs):
-  kernel = lambda h, c, u, cu: mix.mix_product(h, c, names, u, cu, names_u, **kernel_kwargs)
+  kernel = lambda h, c, u, cu: entry.mix_product(h, c, names, u, cu, names_u, **kernel_kwargs)
   ref = lambda h, c, u, cu: activations.mix_product_reference(h, c, names, u, cu, names_u)
   got = _outputs_and_grads(kernel, h, coef, u, coef_u, dy)
   want = _outputs_and_grads(ref, h, coef, u, coef_u, dy)
@@ -146,7 +146,7 @@ def test_scan_checkpoint_jit():
       h, u = jnp.split(x @ w12, 2, axis=-1)  # (B, T, F) each
       gates = jax.nn.sigmoid(x @ gate_w + gate_b)[..., None, :]  # (B, T, 1, K)
       if impl == "pallas":
-        m = mix.mix_product(h, gates, names, u, backend="tpu", **BLOCKS["tpu"])
+        m = entry.mix_product(h, gates, names, u, backend="tpu", **BLOCKS["tpu"])
       else:
         m = activations.mix_product_reference(h, gates, names, u)
       return x + m @ w3, None
@@ -170,7 +170,7 @@ def test_residuals_are_inputs_only():
   def residuals(fn):  # the arrays the VJP closure holds on to
     return jax.tree.leaves(jax.vjp(fn, h, coef, u)[1])
 
-  kernel = residuals(lambda h, c, u: mix.mix_product(h, c, names, u))
+  kernel = residuals(lambda h, c, u: entry.mix_product(h, c, names, u))
   assert sorted(x.size for x in kernel) == [coef.size, h.size, u.size]
   assert sum(x.nbytes for x in kernel) == h.nbytes + u.nbytes + coef.size * 4
   ref = residuals(lambda h, c, u: activations.mix_product_reference(h, c, names, u))
@@ -234,7 +234,7 @@ def test_derivatives_at_edge_points(backend):
   u = jnp.flip(h, axis=1)
   coef = jax.random.normal(jax.random.PRNGKey(5), (2, 1, len(names)))
   dy = jnp.ones_like(h)
-  kernel = lambda h, c, u: mix.mix_product(h, c, names, u, backend=backend)
+  kernel = lambda h, c, u: entry.mix_product(h, c, names, u, backend=backend)
   ref = lambda h, c, u: activations.mix_product_reference(h, c, names, u)
   got = _outputs_and_grads(lambda h, c, u, cu: kernel(h, c, u), h, coef, u, None, dy)
   want = _outputs_and_grads(lambda h, c, u, cu: ref(h, c, u), h, coef, u, None, dy)
@@ -247,7 +247,7 @@ def test_derivatives_at_edge_points(backend):
 def test_relu_derivative_at_zero_is_zero():
   h = jnp.zeros((2, 64))
   coef = jnp.ones((1, 1))
-  for fn in (lambda h: mix.mix_product(h, coef, ("relu",)),
+  for fn in (lambda h: entry.mix_product(h, coef, ("relu",)),
              lambda h: activations.mix_product_reference(h, coef, ("relu",)),
              lambda h: kernels.mix_product(h, coef, ("relu",), impl="xla")):
     assert float(jnp.abs(jax.grad(lambda h: jnp.sum(fn(h)))(h)).max()) == 0.0
@@ -259,7 +259,7 @@ def test_fast_precision_accuracy():
   names = PAPER
   args = _inputs(6, (16,), 128, 1, names, glu=True, bi=True, moa=True, dtype=jnp.float32)
   h, coef, u, coef_u, names_u, dy = args
-  kernel = lambda h, c, u, cu: mix.mix_product(h, c, names, u, cu, names_u, precision="fast")
+  kernel = lambda h, c, u, cu: entry.mix_product(h, c, names, u, cu, names_u, precision="fast")
   ref = lambda h, c, u, cu: activations.mix_product_reference(h, c, names, u, cu, names_u)
   got = _outputs_and_grads(kernel, h, coef, u, coef_u, dy)
   want = _outputs_and_grads(ref, h, coef, u, coef_u, dy)
@@ -271,28 +271,28 @@ def test_fast_precision_accuracy():
 def test_eager_calls_compile_once():
   h = jnp.ones((4, 64))
   coef = jnp.ones((1, 2))
-  before = mix._mix_product_jit._cache_size()
+  before = entry._mix_product_jit._cache_size()
   for _ in range(3):
-    mix.mix_product(h, coef, ["relu", "tanh"])  # a list, normalised to a tuple
-  assert mix._mix_product_jit._cache_size() == before + 1
+    entry.mix_product(h, coef, ["relu", "tanh"])  # a list, normalised to a tuple
+  assert entry._mix_product_jit._cache_size() == before + 1
 
 
 def test_errors_name_the_fix():
   h = jnp.ones((4, 12))
   with pytest.raises(ValueError, match="known: identity"):
-    mix.mix_product(h, jnp.ones((1, 1)), ("swish2",))
+    entry.mix_product(h, jnp.ones((1, 1)), ("swish2",))
   with pytest.raises(ValueError, match="does not divide F = 12"):
-    mix.mix_product(h, jnp.ones((5, 1)), ("relu",))
+    entry.mix_product(h, jnp.ones((5, 1)), ("relu",))
   with pytest.raises(ValueError, match="expected \\(..., G, K\\) with K = 2"):
-    mix.mix_product(h, jnp.ones((1, 3)), ("relu", "tanh"))
+    entry.mix_product(h, jnp.ones((1, 3)), ("relu", "tanh"))
   with pytest.raises(ValueError, match="needs both"):
-    mix.mix_product(h, jnp.ones((1, 1)), ("relu",), coef_u=jnp.ones((1, 1)))
+    entry.mix_product(h, jnp.ones((1, 1)), ("relu",), coef_u=jnp.ones((1, 1)))
   with pytest.raises(ValueError, match="power of two"):
-    mix.mix_product(h, jnp.ones((1, 1)), ("relu",), backend="gpu", block_f=48)
+    entry.mix_product(h, jnp.ones((1, 1)), ("relu",), backend="gpu", block_f=48)
   with pytest.raises(ValueError, match="multiple of 128"):
-    mix.mix_product(h, jnp.ones((1, 1)), ("relu",), backend="tpu", block_t=100)
+    entry.mix_product(h, jnp.ones((1, 1)), ("relu",), backend="tpu", block_t=100)
   with pytest.raises(ValueError, match="precision = 'approx'; known: exact, fast"):
-    mix.mix_product(h, jnp.ones((1, 1)), ("relu",), precision="approx")
+    entry.mix_product(h, jnp.ones((1, 1)), ("relu",), precision="approx")
   with pytest.raises(ValueError, match="impl = 'triton'; known: xla, pallas"):
     kernels.mix_product(h, jnp.ones((1, 1)), ("relu",), impl="triton")
 
@@ -305,7 +305,7 @@ def _lowering_args():
 
   def loss_fn(backend, **kw):
     def loss(h, c, u, cu):
-      y = mix.mix_product(h, c, names, u, cu, names_u, backend=backend, interpret=False, **kw)
+      y = entry.mix_product(h, c, names, u, cu, names_u, backend=backend, interpret=False, **kw)
       return jnp.sum(y.astype(jnp.float32))
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
 
@@ -317,7 +317,7 @@ def test_tpu_lowering_export():
   loss_fn, args = _lowering_args()
   exported = jax.export.export(loss_fn("tpu"), platforms=("tpu",))(*args)
   assert exported.mlir_module().count("stablehlo.custom_call @tpu_custom_call") == 2
-  la = jax.export.export(jax.jit(lambda h, c: mix.mix_product(
+  la = jax.export.export(jax.jit(lambda h, c: entry.mix_product(
       h, c, PAPER, backend="tpu", interpret=False)), platforms=("tpu",))(
           args[0], jax.ShapeDtypeStruct((1, len(PAPER)), jnp.float32))
   assert la.mlir_module().count("stablehlo.custom_call @tpu_custom_call") == 1
@@ -365,7 +365,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     from moa_jax import activations
-    from moa_jax.kernels import mix
+    from moa_jax.kernels import entry
     assert jax.device_count() == 8
     names = activations.PAPER_DICTIONARY
     ks = jax.random.split(jax.random.PRNGKey(0), 5)
@@ -395,8 +395,8 @@ _SHARDED_SCRIPT = textwrap.dedent("""
       hs, us = (jax.device_put(x, NamedSharding(mesh, spec)) for x in (h, u))
       for c in (jax.random.normal(ks[3], (2, 7)), jax.random.normal(ks[4], (8, 24, 2, 7))):
         kind = f"{axis_type.name}-{'la' if c.ndim == 2 else 'moa'}"
-        check(lambda h, c, u: mix.mix_product(h, c, names, u), hs, c, us, kind + "-jit")
-        check(lambda h, c, u: mix.mix_product_sharded(h, c, names, u, mesh=mesh, spec=spec),
+        check(lambda h, c, u: entry.mix_product(h, c, names, u), hs, c, us, kind + "-jit")
+        check(lambda h, c, u: entry.mix_product_sharded(h, c, names, u, mesh=mesh, spec=spec),
               hs, c, us, kind + "-shard_map")
 
     # The FFN seam under the trainer's mesh context, with 2-D (tokens, F) inputs: sharded path.

@@ -36,11 +36,11 @@ def test_fast_precision_train_steps_match_xla(debug_config, monkeypatch):
   """The GPU default, precision="fast" (tanh to 2^-11; emulated in the interpreter), trains
   like xla: the same losses to well within bf16 rounding."""
   from moa_jax import presets
-  from moa_jax.kernels import mix
+  from moa_jax.kernels import entry
   debug_config.model.ffn = presets.ffn_config("bimoa", debug_config.model.d_model, 32)
   xla, _ = _losses(debug_config)
-  resolve = mix._resolve
-  monkeypatch.setattr(mix, "_resolve", lambda backend, interpret, _: resolve(backend, interpret, "fast"))
+  resolve = entry._resolve
+  monkeypatch.setattr(entry, "_resolve", lambda backend, interpret, _: resolve(backend, interpret, "fast"))
   debug_config.model.ffn.impl = "pallas"
   fast, _ = _losses(debug_config)
   np.testing.assert_allclose(fast, xla, rtol=1e-3)

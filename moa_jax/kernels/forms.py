@@ -157,6 +157,18 @@ FORMS: dict[str, tuple[Terms, Terms]] = {
 }
 
 
+# basis -> the transcendental call it is made of (tanh, exp); shared bases share one call.
+_TRANSCENDENTAL = {"t": "tanh z", "t_sq": "tanh z", "th": "tanh z/2", "z_th": "tanh z/2",
+                   "silu_dt": "tanh z/2", "tg": "tanh g", "z_tg": "tanh g", "gelu_dt": "tanh g",
+                   "z_gauss": "exp"}
+
+
+def transcendentals(bases: Sequence[str]) -> int:
+  """Transcendental calls per element for these bases (a table fallback counts one each)."""
+  calls = {_TRANSCENDENTAL.get(b, b if b.startswith(("fn:", "grad:")) else None) for b in bases}
+  return len(calls - {None})
+
+
 def terms(name: str) -> tuple[Terms, Terms]:
   return FORMS.get(name, (((1.0, f"fn:{name}"),), ((1.0, f"grad:{name}"),)))
 

@@ -8,8 +8,8 @@ dc_k = Σ_{f in group} dy ⊙ (other branch) ⊙ σ_k(h). The custom VJP keeps o
 residuals and recomputes every σ_k, so activation memory is that of a plain SwiGLU.
 
 This module is what every backend shares: the block maths (`forward_block`, `backward_block`,
-written on the shared bases of `forms`), the custom VJP, the public entry and the sharded
-wrapper. Each backend file lays the blocks out on its hardware and makes the pallas_calls:
+written on the shared bases of `forms`), tiling and the custom VJP; the public call that picks a
+backend is `entry.mix_product`. Each backend file lays the blocks out on its hardware and makes the pallas_calls:
   triton.py  GPU (Pallas Triton): forward grid over (T, G, F) blocks; backward grid over (T, G),
              each program looping over its group's F blocks and reducing dc in registers.
   tpu.py     TPU (Mosaic) and CPU (interpret): (8, 128) tiles, dc accumulated over an
@@ -22,18 +22,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.sharding import PartitionSpec
-
 from moa_jax import activations
 from moa_jax.kernels import forms
 
 Array = jax.Array
-PRECISIONS = ("exact", "fast")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +58,8 @@ def _truncated_tanh(x: Array) -> Array:
 
 
 def tanh_fn(spec: Spec):
+  """The forward's tanh. The backward always takes jnp.tanh: a derivative formed from an
+  approximate tanh (1 − t², ½(1 + t)) carries a bias (docs/kernel.md, "Accuracy")."""
   if spec.precision == "exact":
     return jnp.tanh
   if spec.interpret:
@@ -69,37 +68,99 @@ def tanh_fn(spec: Spec):
 
 
 # ---------------------------------------------------------------------------------------------
-# Block maths, fp32, shared by every backend. h, u, dy: (bt, bf); cols: K gate columns (bt, 1).
+# Block maths, fp32, shared by every backend. h, u, dy: (bt, bf); cols: K gate columns (bt, 1),
+# or with GroupLanes(n > 1) one such list per channel group the block holds.
 
 
-def forward_block(spec: Spec, h: Array, cols, u: Array | None, cols_u) -> Array:
+@dataclasses.dataclass(frozen=True)
+class GroupLanes:
+  """How a (bt, bf) block's channels map to channel groups: n = 1, all one group's (the gates'
+  coefficients broadcast along the row); n > 1, n whole groups of `width` channels side by side
+  (TPU, when a group's width is no multiple of 128: the block spans groups instead of padding)."""
+  n: int = 1
+  width: int = 0
+
+  def _lane(self, shape) -> Array:
+    return jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+
+  def coefs(self, names, cols, which: int, shape) -> dict[str, Array]:
+    """basis -> coefficient: (bt, 1) for n = 1, else (bt, bf) selected per lane's group."""
+    if self.n == 1:
+      return forms.basis_coefs(names, cols, which)
+    per = [forms.basis_coefs(names, c, which) for c in cols]
+    lane = self._lane(shape)
+    out = {}
+    for b, c in per[0].items():
+      c = jnp.broadcast_to(c, shape)
+      for r in range(1, self.n):
+        c = jnp.where(lane >= r * self.width, per[r][b], c)
+      out[b] = c
+    return out
+
+  def row_sums(self, x: Array) -> list[Array]:
+    """Per group, the (bt, 1) sum of x over that group's lanes."""
+    if self.n == 1:
+      return [jnp.sum(x, axis=1, keepdims=True)]
+    lane = self._lane(x.shape)
+    inside = lambda r: (lane >= r * self.width) & (lane < (r + 1) * self.width)
+    return [jnp.sum(jnp.where(inside(r), x, 0.0), axis=1, keepdims=True) for r in range(self.n)]
+
+
+ONE_GROUP = GroupLanes()
+
+
+def forward_block(spec: Spec, h: Array, cols, u: Array | None, cols_u,
+                  lanes: GroupLanes = ONE_GROUP) -> Array:
   tanh = tanh_fn(spec)
-  y = forms.combine(forms.basis_coefs(spec.names, cols, 0), forms.Basis(h, tanh))
+  y = forms.combine(lanes.coefs(spec.names, cols, 0, h.shape), forms.Basis(h, tanh))
   if u is None:
     return y
   if spec.bi:
-    u = forms.combine(forms.basis_coefs(spec.names_u, cols_u, 0), forms.Basis(u, tanh))
+    u = forms.combine(lanes.coefs(spec.names_u, cols_u, 0, h.shape), forms.Basis(u, tanh))
   return y * u
 
 
-def backward_block(spec: Spec, h: Array, cols, u: Array | None, cols_u, dy: Array, row_sum):
+def backward_block(spec: Spec, h: Array, cols, u: Array | None, cols_u, dy: Array, row_sum,
+                   lanes: GroupLanes = ONE_GROUP):
   """(dh, du, sums, sums_u): sums map each basis b_j of σ to row_sum(dm ⊙ b_j(h)), the
   reductions dc is made of (`forms.coef_grads`); du and sums_u are None when unused."""
-  tanh = tanh_fn(spec)
+  tanh = jnp.tanh  # exact whatever the precision: every value here feeds a gradient
   hb = forms.Basis(h, tanh)
+  coefs = lambda names, c, which: lanes.coefs(names, c, which, h.shape)
   dm, du, sums_u = dy, None, None  # dm = dL/dm(h)
   if u is not None:
-    dv = dy * forms.combine(forms.basis_coefs(spec.names, cols, 0), hb)  # dL/d(other branch)
+    dv = dy * forms.combine(coefs(spec.names, cols, 0), hb)  # dL/d(other branch)
     if spec.bi:
       ub = forms.Basis(u, tanh)
-      dm = dy * forms.combine(forms.basis_coefs(spec.names_u, cols_u, 0), ub)
-      du = dv * forms.combine(forms.basis_coefs(spec.names_u, cols_u, 1), ub)
+      dm = dy * forms.combine(coefs(spec.names_u, cols_u, 0), ub)
+      du = dv * forms.combine(coefs(spec.names_u, cols_u, 1), ub)
       sums_u = {b: row_sum(dv * ub[b]) for b in forms.fn_bases(spec.names_u)}
     else:
       dm, du = dy * u, dv
-  dh = dm * forms.combine(forms.basis_coefs(spec.names, cols, 1), hb)
+  dh = dm * forms.combine(coefs(spec.names, cols, 1), hb)
   sums = {b: row_sum(dm * hb[b]) for b in forms.fn_bases(spec.names)}
   return dh, du, sums, sums_u
+
+
+def cost_estimate(spec: Spec, operands, results, backward: bool) -> pl.CostEstimate:
+  """What one pallas_call does, for XLA's scheduler. Per element of h, each side costs its
+  activations' table FLOPs plus one FMA (2 FLOPs) per activation; the backward forms σ and σ′
+  and sums into dc (twice the forward, plus one FMA per activation); the product ⊙ u one FLOP
+  forward, three backward. Transcendentals: one per distinct tanh / exp of the bases used.
+  Bytes: every operand and result, read or written once."""
+  sides = [spec.names] + ([spec.names_u] if spec.bi else [])
+  table = lambda side: sum(activations.ACTIVATIONS[n].flops + 2 for n in side)
+  per_side = [2 * table(side) + 2 * len(side) if backward else table(side) for side in sides]
+  per_elem = sum(per_side) + ((3 if backward else 1) if spec.glu else 0)
+  calls = sum(forms.transcendentals(forms.fn_bases(side)
+                                    + (forms.grad_bases(side) if backward else ()))
+              for side in sides)  # each side on its own input
+  elems = math.prod(operands[0].shape)
+  nbytes = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+               for x in (*operands, *jax.tree.leaves(results)))
+  return pl.CostEstimate(flops=elems * per_elem,
+                         transcendentals=elems * calls,
+                         bytes_accessed=nbytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,11 +172,12 @@ class Tiling:
   bt: int     # tokens per block
   bf: int     # channels per block (within one group)
   t_pad: int  # T rounded up to bt
-  f_pad: int  # Fg rounded up to bf
+  f_pad: int  # Fg rounded up to bf (bf when a block holds several whole groups)
+  groups_per_block: int = 1  # n > 1: bf = n·Fg, the block spans n whole groups (GroupLanes)
 
   @property
-  def f_blocks(self) -> int:
-    return self.f_pad // self.bf
+  def f_blocks(self) -> int:  # channel blocks per group (1 when a block spans groups)
+    return self.f_pad * self.groups_per_block // self.bf
 
 
 def pow2_tile(n: int, target: int, floor: int = 1) -> tuple[int, int]:
@@ -179,11 +241,13 @@ def pad_gates(c: Array, kp: int, t_pad: int) -> Array:
   return jnp.pad(c, ((0, 0), (0, kp - k), (0, t_pad - t)))
 
 
-def block_inputs(spec: Spec, tl: Tiling, kpad, h, gates, u, gates_u, x_spec, gate_index):
+def block_inputs(spec: Spec, tl: Tiling, kpad, h, gates, u, gates_u, x_spec, gate_index,
+                 gate_groups: int | None = None):
   """The padded kernel operands (h, gates[, u][, gates_u]) and their BlockSpecs, for either backend:
-  x_spec blocks (T, F) operands, gate_index maps a grid index to a (G, Kp, T) gate block."""
+  x_spec blocks (T, F) operands, gate_index maps a grid index to a (G, Kp, T) gate block of
+  gate_groups groups (None: one, squeezed)."""
   groups = gates.shape[0]
-  gate_spec = lambda c: pl.BlockSpec((None, kpad(c.shape[1]), tl.bt), gate_index)
+  gate_spec = lambda c: pl.BlockSpec((gate_groups, kpad(c.shape[1]), tl.bt), gate_index)
   args = [pad_x(h, groups, tl), pad_gates(gates, kpad(gates.shape[1]), tl.t_pad)]
   in_specs = [x_spec, gate_spec(gates)]
   if spec.glu:
@@ -200,7 +264,7 @@ def block_inputs(spec: Spec, tl: Tiling, kpad, h, gates, u, gates_u, x_spec, gat
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _mix_product(spec: Spec, h, gates, u, gates_u):
+def mix_product_vjp(spec: Spec, h, gates, u, gates_u):
   return spec.layout.forward(spec, h, gates, u, gates_u)
 
 
@@ -212,171 +276,4 @@ def _mix_product_bwd(spec: Spec, residuals, dy):
   return spec.layout.backward(spec, *residuals, dy)
 
 
-_mix_product.defvjp(_mix_product_fwd, _mix_product_bwd)
-
-
-# ---------------------------------------------------------------------------------------------
-# Public API.
-
-
-def _groups(coef: Array, names: tuple[str, ...], lead: tuple[int, ...], f: int, field: str) -> int:
-  if coef.ndim < 2 or coef.shape[-1] != len(names):
-    raise ValueError(f"{field} has shape {coef.shape}; expected (..., G, K) with K = "
-                     f"{len(names)} = len({names})")
-  lead_c = coef.shape[:-2]
-  if len(lead_c) > len(lead) or jnp.broadcast_shapes(lead_c, lead) != lead:
-    raise ValueError(f"{field} leading dims {lead_c} do not broadcast to the token dims {lead}")
-  groups = coef.shape[-2]
-  if f % groups:
-    raise ValueError(f"{field} has G = {groups} channel groups, which does not divide F = {f}")
-  return groups
-
-
-def _lane_dense_gates(coef: Array, lead: tuple[int, ...], groups: int) -> Array:
-  """(..., Gc, K) coefficients -> fp32 (G, K, T): one row of T token gates per (group, k)."""
-  gc, k = coef.shape[-2:]
-  c = jnp.broadcast_to(coef.astype(jnp.float32), (*lead, gc, k)).reshape(-1, gc, k)
-  c = jnp.repeat(c, groups // gc, axis=1)  # (T, G, K): G a multiple of Gc (two branches)
-  return c.transpose(1, 2, 0)
-
-
-def _layouts():
-  from moa_jax.kernels import tpu, triton  # backends import this module: import them late
-  return {"gpu": triton.LAYOUT, "tpu": tpu.LAYOUT}
-
-
-def _resolve(backend: str | None, interpret: bool | None, precision: str | None):
-  layouts = _layouts()
-  platform = jax.default_backend()
-  if backend is None:
-    backend = platform if platform in layouts else "tpu"
-  if backend not in layouts:
-    raise ValueError(f"backend = {backend!r}; known: {', '.join(layouts)} (None: automatic)")
-  if interpret is None:
-    interpret = platform not in layouts
-  if precision is None:
-    precision = "fast" if backend == "gpu" and not interpret else "exact"
-  if precision not in PRECISIONS:
-    raise ValueError(f"precision = {precision!r}; known: {', '.join(PRECISIONS)} (None: fast "
-                     "on GPU, exact elsewhere)")
-  return layouts[backend], bool(interpret), precision
-
-
-def _names(names, field: str) -> tuple[str, ...]:
-  return activations.check_names(names, field)
-
-
-def mix_product(h: Array, coef: Array, names: Sequence[str], u: Array | None = None,
-                coef_u: Array | None = None, names_u: Sequence[str] | None = None, *,
-                interpret: bool | None = None, block_t: int | None = None,
-                block_f: int | None = None, backend: str | None = None,
-                precision: str | None = None) -> Array:
-  """Fused `activations.mix_product_reference`: m(h), m(h) ⊙ u, or m(h) ⊙ m_u(u).
-
-  h, u: (..., F) in bf16 or fp32; coef: (..., G, K) broadcastable to h's leading dims ((G, K)
-  for LA, per-token gates (B, T, G, K) for MoA), K = len(names); coef_u likewise for the
-  bi-sided product with its own names_u. Returns h.dtype; differentiable in h, u, coef, coef_u.
-
-  interpret: run the kernel in the Pallas interpreter (None: when not on GPU or TPU).
-  block_t, block_f: block targets in tokens and channels (None: per-backend defaults).
-  backend: "gpu" (Triton) or "tpu" (Mosaic) kernel variant (None: the current platform's; on
-  other platforms the TPU variant, interpreted).
-  precision: "fast" (GPU: hardware tanh.approx.f32, relative error < 2^-11; interpreted: tanh
-  truncated to that accuracy) or "exact" (None: fast on GPU, exact elsewhere).
-  Jitted with every non-array argument static, so repeated eager calls compile once.
-  """
-  names = _names(names, "names")
-  if coef_u is not None:
-    if u is None or names_u is None:
-      raise ValueError("coef_u is given without u or names_u; the bi-sided product needs both")
-    names_u = _names(names_u, "names_u")
-  else:
-    names_u = None
-  if u is not None and u.shape != h.shape:
-    raise ValueError(f"u has shape {u.shape}; expected h's shape {h.shape}")
-  layout, interpret, precision = _resolve(backend, interpret, precision)
-  if explicit_spec(h) is not None:  # pallas_call takes no Explicit shardings: one per device
-    return mix_product_sharded(h, coef, names, u, coef_u, names_u, interpret=interpret,
-                               block_t=block_t, block_f=block_f, backend=layout.name,
-                               precision=precision)
-  spec = Spec(names, names_u, u is not None, layout, interpret, precision, block_t, block_f)
-  return _mix_product_jit(h, coef, u, coef_u, spec=spec)
-
-
-@functools.partial(jax.jit, static_argnames=("spec",))
-def _mix_product_jit(h, coef, u, coef_u, *, spec: Spec):
-  names, names_u = spec.names, spec.names_u
-  lead, f = h.shape[:-1], h.shape[-1]
-  groups = _groups(coef, names, lead, f, "coef")
-  if coef_u is not None:
-    groups = math.lcm(groups, _groups(coef_u, names_u, lead, f, "coef_u"))
-  t = math.prod(lead)
-  gates = _lane_dense_gates(coef, lead, groups)
-  gates_u = None if coef_u is None else _lane_dense_gates(coef_u, lead, groups)
-  u2 = None if u is None else u.reshape(t, f)
-  y = _mix_product(spec, h.reshape(t, f), gates, u2, gates_u)
-  return y.reshape(h.shape)
-
-
-def explicit_spec(x: Array) -> PartitionSpec | None:
-  """x's PartitionSpec when it is sharded over Explicit mesh axes (None otherwise)."""
-  sharding = getattr(jax.typeof(x), "sharding", None)
-  spec = getattr(sharding, "spec", None)
-  if spec is None or all(p is None for p in spec):
-    return None
-  return spec
-
-
-def mix_product_sharded(h: Array, coef: Array, names: Sequence[str], u: Array | None = None,
-                        coef_u: Array | None = None, names_u: Sequence[str] | None = None, *,
-                        mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
-                        spec: PartitionSpec | None = None, **kernel_kwargs) -> Array:
-  """`mix_product` run per device in `shard_map`; `spec` is h's (and u's) PartitionSpec.
-
-  Token dims may be sharded over any mesh axes, and the channel dim too when G = 1 or the
-  channel shards divide G (groups stay whole on each device). Per-token gates follow h's token
-  sharding; LA coefficients are replicated and shard_map sums their gradient over devices.
-  With Explicit mesh axes, mesh and spec default to h's own sharding and the coefficients are
-  resharded to match; with Auto axes, pass mesh and spec (shard_map then reshards).
-  """
-  if spec is None:
-    spec = explicit_spec(h)
-    if spec is None:
-      raise ValueError("mix_product_sharded needs spec= (h is not sharded over Explicit axes)")
-  if mesh is None:
-    mesh = jax.typeof(h).sharding.mesh
-  entries = tuple(spec) + (None,) * (h.ndim - len(spec))
-  token_specs, channel = entries[:-1], entries[-1]
-  lead = h.shape[:-1]
-  spec = PartitionSpec(*entries)
-  channel_shards = math.prod(mesh.shape[a] for a in jax.tree.leaves(channel))
-
-  def coef_spec(c: Array) -> PartitionSpec:
-    n = c.ndim - 2
-    dims = [token_specs[len(lead) - n + i] if c.shape[i] == lead[len(lead) - n + i] else None
-            for i in range(n)]
-    if c.shape[-2] == 1 or channel is None:
-      return PartitionSpec(*dims, None, None)
-    if c.shape[-2] % channel_shards:
-      raise ValueError(f"coefficients with G = {c.shape[-2]} groups cannot follow channels "
-                       f"split {channel_shards} ways over {channel}; use G divisible by "
-                       f"{channel_shards} or G = 1")
-    return PartitionSpec(*dims, channel, None)
-
-  operands = [h, coef] + [x for x in (u, coef_u) if x is not None]
-  in_specs = [spec, coef_spec(coef)] + [spec if x is u else coef_spec(x)
-                                        for x in (u, coef_u) if x is not None]
-  if explicit_spec(h) is not None:
-    operands = [jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, s))
-                for x, s in zip(operands, in_specs)]
-
-  def local(h, coef, *rest):
-    rest = list(rest)
-    u_local = rest.pop(0) if u is not None else None
-    cu_local = rest.pop(0) if coef_u is not None else None
-    return mix_product(h, coef, names, u_local, cu_local, names_u, **kernel_kwargs)
-
-  # check_vma=False: pallas_call outputs carry no varying-axes type; shard_map then psums the
-  # cotangents of replicated inputs (LA coefficients) itself.
-  return jax.shard_map(local, mesh=mesh, in_specs=tuple(in_specs), out_specs=spec,
-                       check_vma=False)(*operands)
+mix_product_vjp.defvjp(_mix_product_fwd, _mix_product_bwd)

@@ -66,12 +66,12 @@ class Layout:
     x_spec = pl.BlockSpec((tl.bt, tl.bf), lambda i, g, j: (i, g * nf + j))
     args, in_specs = mix.block_inputs(spec, tl, self.kpad, h, gates, u, gates_u, x_spec,
                                       lambda i, g, j: (g, 0, i))
+    y_shape = jax.ShapeDtypeStruct(args[0].shape, h.dtype)
     y = pl.pallas_call(
-        functools.partial(_forward_kernel, spec=spec),
-        out_shape=jax.ShapeDtypeStruct(args[0].shape, h.dtype),
+        functools.partial(_forward_kernel, spec=spec), out_shape=y_shape,
         grid=(tl.t_pad // tl.bt, groups, nf), in_specs=in_specs, out_specs=x_spec,
         compiler_params=self.compiler_params(), interpret=spec.interpret,
-        name="mix_product_fwd",
+        cost_estimate=mix.cost_estimate(spec, args, y_shape, False), name="mix_product_fwd",
     )(*args)
     return mix.unpad_x(y, groups, t, f // groups, tl)
 
@@ -98,7 +98,7 @@ class Layout:
         functools.partial(_backward_kernel, spec=spec, bf=tl.bf, nf=tl.f_blocks),
         out_shape=out_shape, grid=(tl.t_pad // tl.bt, groups), in_specs=in_specs,
         out_specs=out_specs, compiler_params=self.compiler_params(), interpret=spec.interpret,
-        name="mix_product_bwd",
+        cost_estimate=mix.cost_estimate(spec, args, out_shape, True), name="mix_product_bwd",
     )(*args)
     fg = f // groups
     dh = mix.unpad_x(outs[0], groups, t, fg, tl)
