@@ -66,10 +66,13 @@ def storage_error(error: BaseException) -> OSError | None:
 
 
 def storage_message(error: OSError, workdir: str = "", then: str = TRAIN_RERUN) -> str:
-  where = error.filename or workdir or "a file"
+  where = str(error.filename or workdir or "a file")
+  inside = bool(workdir) and "://" not in workdir and os.path.abspath(where).startswith(os.path.abspath(workdir))
+  place = ("another --workdir" if inside or not error.filename else
+           "the setting that names this path (--config.data.cache_dir for the data cache, --cache_dir, --out)")
   fixes = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (quota)",
-           errno.EROFS: "write somewhere writable (another --workdir or cache directory)"}
-  fix = fixes.get(error.errno, "make it writable or write somewhere else (another --workdir or cache directory)")
+           errno.EROFS: f"point {place} at a writable directory"}
+  fix = fixes.get(error.errno, f"make it writable, or point {place} at a writable directory")
   return f"error: cannot write {where}: {error.strerror}; {fix}, then {then}"
 
 

@@ -228,6 +228,19 @@ def test_funnel_handles_ctrl_c_and_restores_the_handlers(capsys):
   assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_messages_name_the_setting_to_change(data_cache, tmp_path):
+  cache = cli.storage_message(OSError(errno.EROFS, "Read-only file system", "/ro/cache/x/meta.json"), "/w/run")
+  assert "point the setting that names this path (--config.data.cache_dir for the data cache" in cache
+  run = cli.storage_message(OSError(errno.EROFS, "Read-only file system", "/w/run/checkpoints/4"), "/w/run")
+  assert "point another --workdir at a writable directory" in run
+  config = _config(data_cache)
+  config.data.source = "glob:corpus_here/*.txt"
+  with pytest.raises(train.TrainingError, match=r"it is relative, read from the current directory \S+: give an "
+                                                 r"absolute path"):
+    train.train(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+
+
 # ------------------------------------------------------------------------------- config values' ranges
 
 @pytest.mark.parametrize("field,value,message", [
