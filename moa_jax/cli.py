@@ -186,8 +186,9 @@ def funnel(main: Callable, *, workdir: Callable[[], str] = lambda: "", then: str
         _leave(1, line)
       raise SystemExit(line) from None
     finally:
-      for sig, handler in previous.items():
-        signal.signal(sig, handler)
+      for sig, handler in previous.items():  # a CLI process keeps _startup until it exits
+        if not _state["process"]:
+          signal.signal(sig, handler)
   return wrapped
 
 

@@ -400,13 +400,13 @@ def _train_args(workdir, data_cache, *extra):
           f"--config.data.cache_dir={data_cache}", "--config.data.max_bytes=400000", *extra]
 
 
-@pytest.mark.parametrize("when", ["importing", "lock taken"])
+@pytest.mark.parametrize("when", ["importing", "after 3 s", "lock taken"])
 def test_ctrl_c_during_start_up_is_one_line(data_cache, tmp_path, when):
   workdir = tmp_path / "run"
   proc = subprocess.Popen(_train_args(workdir, data_cache), cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
-  if when == "importing":
-    time.sleep(0.8)
+  if when != "lock taken":
+    time.sleep(0.8 if when == "importing" else 3.0)
   else:
     deadline = time.time() + 120
     while time.time() < deadline and not (workdir / "lock").exists() and proc.poll() is None:
