@@ -274,12 +274,12 @@ def _diverged(what: str, ckpt, last_good, spike) -> Diverged:
   """The stop message for a run whose loss or parameters blew up: which checkpoint to go back to, and how."""
   if last_good is None:
     return Diverged(f"{what}; stopped without saving. Last good checkpoint: none in {ckpt.directory}. "
-                         "Lower optim.lr or raise optim.warmup_steps and rerun (it starts over).")
+                    "Lower optim.lr or raise optim.warmup_steps and rerun (it starts over).")
   before = f" (the last one before step {spike[0]}: {spike[1]})" if spike else ""
   return Diverged(f"{what}; stopped without saving. Last good checkpoint: step {last_good} in "
-                       f"{ckpt.directory}{before}. Lower optim.lr or raise optim.warmup_steps and rerun with "
-                       f"--config.train.resume_step={last_good} (later checkpoints, if any, are moved to "
-                       "checkpoints_superseded/)")
+                  f"{ckpt.directory}{before}. Lower optim.lr or raise optim.warmup_steps and rerun with "
+                  f"--config.train.resume_step={last_good} (later checkpoints, if any, are moved to "
+                  "checkpoints_superseded/)")
 
 
 def train(config, workdir: str) -> dict:
