@@ -8,6 +8,7 @@ subprocesses with timeouts.
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from moa_jax import cli, health, presets, report, study, study_guard, train, val
 from moa_jax import workdir as workdir_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Subprocesses run on the CPU: a GPU plugin that cannot start here logs its own traceback at import.
+ENV = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
 
 
 def one_line(excinfo, capsys, pattern=""):
@@ -154,7 +157,7 @@ def test_study_plan_with_a_bad_override_is_one_line(tmp_path, capsys, flag, mess
 
 def _cli(*args, timeout=120, **kwargs):
   return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                        **kwargs)
+                        env=ENV, **kwargs)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -265,7 +268,7 @@ def test_values_out_of_range_stop_before_anything(data_cache, tmp_path, field, v
   for part in group.split("."):
     node = node[part]
   node[key] = value
-  with pytest.raises(train.TrainingError, match=message.replace("[", r"\[").replace("(", r"\(")):
+  with pytest.raises(train.TrainingError, match=re.escape(message)):
     train.train(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
 
@@ -404,7 +407,7 @@ def _train_args(workdir, data_cache, *extra):
 def test_ctrl_c_during_start_up_is_one_line(data_cache, tmp_path, when):
   workdir = tmp_path / "run"
   proc = subprocess.Popen(_train_args(workdir, data_cache), cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+                          stderr=subprocess.PIPE, text=True, env=ENV)
   if when != "lock taken":
     time.sleep(0.8 if when == "importing" else 3.0)
   else:
@@ -421,7 +424,8 @@ def test_checkpoints_a_file_is_one_line_not_a_hang(data_cache, tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "checkpoints").write_text("not a directory")
-  out = subprocess.run(_train_args(workdir, data_cache), cwd=ROOT, capture_output=True, text=True, timeout=240)
+  out = subprocess.run(_train_args(workdir, data_cache), cwd=ROOT, capture_output=True, text=True, timeout=240,
+                       env=ENV)
   assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
   assert out.stderr.strip().splitlines()[-1].startswith(f"error: {workdir}/checkpoints is a file where"), out.stderr
   assert (workdir / "checkpoints").read_text() == "not a directory" and not (workdir / "config.json").exists()
@@ -451,7 +455,7 @@ main(sys.argv[1])
 
 def test_a_save_failing_in_orbax_threads_ends_in_one_line_without_hanging(tmp_path):
   out = subprocess.run([sys.executable, "-c", SAVE_FAILS, str(tmp_path / "run")], cwd=ROOT, capture_output=True,
-                       text=True, timeout=180)
+                       text=True, timeout=180, env=ENV)
   lines = out.stderr.strip().splitlines()
   assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
   assert lines[-1].startswith("error: ") and "Not a directory" in lines[-1], out.stderr[-3000:]
@@ -474,7 +478,7 @@ def test_a_signal_stops_the_study_after_the_run_saves(data_cache, tmp_path, sign
   proc = subprocess.Popen([sys.executable, "-m", "moa_jax.study", str(tmp_path / "sig.py"), f"--workdir={workdir}",
                            f"--config.data.cache_dir={data_cache}", "--config.data.max_bytes=400000",
                            "--compilation_cache=off"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+                          text=True, env=ENV)
   metrics = workdir / "runs" / "debug-a-lr1x-s0" / "metrics.jsonl"
   deadline = time.time() + 300
   while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size) and proc.poll() is None:
