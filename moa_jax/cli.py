@@ -66,10 +66,13 @@ def storage_error(error: BaseException) -> OSError | None:
 
 
 def storage_message(error: OSError, workdir: str = "", then: str = TRAIN_RERUN) -> str:
-  where = error.filename or workdir or "a file"
+  where = str(error.filename or workdir or "a file")
+  inside = bool(workdir) and "://" not in workdir and os.path.abspath(where).startswith(os.path.abspath(workdir))
+  place = ("another --workdir" if inside or not error.filename else
+           "the setting that names this path (--config.data.cache_dir for the data cache, --cache_dir, --out)")
   fixes = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (quota)",
-           errno.EROFS: "write somewhere writable (another --workdir or cache directory)"}
-  fix = fixes.get(error.errno, "make it writable or write somewhere else (another --workdir or cache directory)")
+           errno.EROFS: f"point {place} at a writable directory"}
+  fix = fixes.get(error.errno, f"make it writable, or point {place} at a writable directory")
   return f"error: cannot write {where}: {error.strerror}; {fix}, then {then}"
 
 
@@ -109,7 +112,7 @@ def message(error: BaseException, workdir: str = "", then: str = TRAIN_RERUN) ->
 
 # -------------------------------------------------------------------------------------- interrupts
 
-_state = {"signal": None}
+_state = {"signal": None, "process": False}  # process: this process runs one CLI (python -m moa_jax.<cli>)
 
 
 def _exit_now(code: int) -> None:
@@ -126,7 +129,10 @@ def _early(signum, frame) -> None:
 
 
 def early_interrupts() -> None:
-  """While modules load: an interrupt exits at once with one line (nothing exists to clean up)."""
+  """While modules load: an interrupt exits at once with one line (nothing exists to clean up). Marks
+  this process as one CLI's: only then may the funnel leave through os._exit (not inside a notebook
+  or a test session that calls a main())."""
+  _state["process"] = True
   for sig in _SIGNAL_NAMES:
     signal.signal(sig, _early)
 
@@ -169,28 +175,35 @@ def funnel(main: Callable, *, workdir: Callable[[], str] = lambda: "", then: str
     except SystemExit:
       raise
     except Stopped as e:
-      print(str(e), file=sys.stderr)
-      _exit_now(e.code)
+      _leave(e.code, str(e))
     except KeyboardInterrupt:
-      print(f"error: interrupted ({interrupted_name()}): {interrupted}", file=sys.stderr)
-      _exit_now(_EXIT_CODES.get(_state["signal"], 130))
+      _leave(_EXIT_CODES.get(_state["signal"], 130), f"error: interrupted ({interrupted_name()}): {interrupted}")
     except Exception as e:
       if os.environ.get("MOA_JAX_TRACEBACK"):
         raise
       line = message(e, _safe(workdir), then)
       if _threads_left():  # e.g. Orbax's writers after a failed save: the interpreter would wait forever
-        print(line, file=sys.stderr)
-        _exit_now(1)
+        _leave(1, line)
       raise SystemExit(line) from None
     finally:
-      for sig, handler in previous.items():
-        signal.signal(sig, handler)
+      for sig, handler in previous.items():  # a CLI process keeps _startup until it exits
+        if not _state["process"]:
+          signal.signal(sig, handler)
   return wrapped
 
 
 def command(**kwargs) -> Callable:
   """`@cli.command(...)` on a CLI's main: funnel(main, **kwargs)."""
   return lambda main: funnel(main, **kwargs)
+
+
+def _leave(code: int, line: str) -> None:
+  """Prints `line`; a CLI process then exits at once (its `finally` blocks have run), a caller of main()
+  in a longer-lived process gets SystemExit(code)."""
+  print(line, file=sys.stderr)
+  if _state["process"]:
+    _exit_now(code)
+  raise SystemExit(code)
 
 
 def _threads_left() -> bool:

@@ -67,8 +67,9 @@ def restore(workdir: str, step: int | None = None):
   """
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
-    raise RunDirError(f"{directory} does not exist or is not a directory; is {workdir!r} a run directory "
-                      f"(python -m moa_jax.train --workdir=...)?")
+    state = "is not a directory" if os.path.exists(directory) else "does not exist"
+    raise RunDirError(f"{directory} {state}; is {workdir!r} a run directory (python -m moa_jax.train "
+                      f"--workdir=...)?")
   ckpt = checkpoint.Checkpoints(workdir, 0, 1)
   try:
     saved = ckpt.all_steps()  # complete ones only, newest first

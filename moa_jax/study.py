@@ -469,7 +469,7 @@ def with_flags(study: Study, flags: list[str]) -> Study:
         if not isinstance(current, ml_collections.ConfigDict) or part not in current:
           raise StudyError(f"{key}: the config has no field {field!r}")
         current = current[part]
-      overrides[field] = _parse(text, current)
+      overrides[field] = study_guard.checked_override(key, field, current, _parse(text, current))
     elif field == "arms":
       keep = text.split(",")
       unknown = [a for a in keep if a not in study.arms]

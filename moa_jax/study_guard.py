@@ -18,7 +18,7 @@ import glob
 import json
 import os
 
-from moa_jax import cli, report
+from moa_jax import cli, report, validate
 from moa_jax import workdir as workdir_lock
 
 SUPERSEDED = "failed.superseded.json"
@@ -63,6 +63,18 @@ def reconcile(workdir: str) -> list[str]:
             f"that to {SUPERSEDED}", flush=True)
       moved.append(run)
   return moved
+
+
+def checked_override(flag: str, field: str, current, value):
+  """A --config.PATH=VALUE override of a study: a group is not a value, and a number must be in its
+  range (validate.RANGES) before --plan or any run uses it. Returns value."""
+  if hasattr(current, "keys"):
+    raise ValueError(f"{flag} is a group of fields, not a value; set one of them: "
+                     f"{', '.join(f'{flag}.{k}' for k in current.keys())}")
+  why = validate.problem(field, value) if field in validate.RANGES else None
+  if why:
+    raise ValueError(f"{flag}: {why}")
+  return value
 
 
 def stop_if_interrupted(record: dict, name: str) -> None:

@@ -8,6 +8,7 @@ subprocesses with timeouts.
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,14 +21,8 @@ from moa_jax import cli, health, presets, report, study, study_guard, train, val
 from moa_jax import workdir as workdir_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def no_hard_exit(monkeypatch):
-  """cli leaves through os._exit after an interrupt or with threads left: here it raises instead."""
-  def exit_now(code):
-    raise SystemExit(code)
-  monkeypatch.setattr(cli, "_exit_now", exit_now)
+# Subprocesses run on the CPU: a GPU plugin that cannot start here logs its own traceback at import.
+ENV = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
 
 
 def one_line(excinfo, capsys, pattern=""):
@@ -147,16 +142,22 @@ def test_study_with_its_workdir_a_file_is_one_line(tmp_path, capsys):
   assert (tmp_path / "study").read_text() == "a file"
 
 
-def test_study_plan_with_a_bad_override_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("flag,message", [
+    ("--config.train.batch_size=abc", "'abc' is not an integer"),
+    ("--config.model=3", "--config.model is a group of fields, not a value; set one of them: --config.model."),
+    ("--config.train.seq_len=0", "--config.train.seq_len: train.seq_len = 0; must be ≥ 1"),
+    ("--config.optim.lr=-1", "--config.optim.lr: optim.lr = -1.0; must be > 0"),
+])
+def test_study_plan_with_a_bad_override_is_one_line(tmp_path, capsys, flag, message):
   with pytest.raises(SystemExit) as e:
-    study.main([os.path.join(ROOT, "experiments", "debug_protocol.py"), f"--workdir={tmp_path}", "--plan",
-                "--config.train.batch_size=abc"])
-  one_line(e, capsys, "'abc' is not an integer")
+    study.main([os.path.join(ROOT, "experiments", "debug_protocol.py"), f"--workdir={tmp_path}", "--plan", flag])
+  one_line(e, capsys, message)
+  assert not os.listdir(tmp_path)
 
 
 def _cli(*args, timeout=120, **kwargs):
   return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                        **kwargs)
+                        env=ENV, **kwargs)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -208,7 +209,7 @@ def test_funnel_does_not_wait_for_threads_left_behind(capsys):
   try:
     with pytest.raises(SystemExit) as e:
       cli.funnel(fails)()
-    assert e.value.code == 1  # the hard exit, not SystemExit(message), which would wait for the thread
+    assert e.value.code == 1  # a CLI process exits at once here, not through SystemExit(message): it would wait
     assert capsys.readouterr().err.strip() == "error: ValueError: a save failed (at test_cli_faults.py:" \
         f"{fails.__code__.co_firstlineno + 1}); set MOA_JAX_TRACEBACK=1 to see the traceback"
   finally:
@@ -228,6 +229,19 @@ def test_funnel_handles_ctrl_c_and_restores_the_handlers(capsys):
   assert e.value.code == 130
   assert capsys.readouterr().err.strip() == "error: interrupted (Ctrl-C): nothing was written"
   assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_messages_name_the_setting_to_change(data_cache, tmp_path):
+  cache = cli.storage_message(OSError(errno.EROFS, "Read-only file system", "/ro/cache/x/meta.json"), "/w/run")
+  assert "point the setting that names this path (--config.data.cache_dir for the data cache" in cache
+  run = cli.storage_message(OSError(errno.EROFS, "Read-only file system", "/w/run/checkpoints/4"), "/w/run")
+  assert "point another --workdir at a writable directory" in run
+  config = _config(data_cache)
+  config.data.source = "glob:corpus_here/*.txt"
+  with pytest.raises(train.TrainingError, match=r"it is relative, read from the current directory \S+: give an "
+                                                 r"absolute path"):
+    train.train(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
 
 
 # ------------------------------------------------------------------------------- config values' ranges
@@ -254,7 +268,7 @@ def test_values_out_of_range_stop_before_anything(data_cache, tmp_path, field, v
   for part in group.split("."):
     node = node[part]
   node[key] = value
-  with pytest.raises(train.TrainingError, match=message.replace("[", r"\[").replace("(", r"\(")):
+  with pytest.raises(train.TrainingError, match=re.escape(message)):
     train.train(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
 
@@ -389,13 +403,13 @@ def _train_args(workdir, data_cache, *extra):
           f"--config.data.cache_dir={data_cache}", "--config.data.max_bytes=400000", *extra]
 
 
-@pytest.mark.parametrize("when", ["importing", "lock taken"])
+@pytest.mark.parametrize("when", ["importing", "after 3 s", "lock taken"])
 def test_ctrl_c_during_start_up_is_one_line(data_cache, tmp_path, when):
   workdir = tmp_path / "run"
   proc = subprocess.Popen(_train_args(workdir, data_cache), cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-  if when == "importing":
-    time.sleep(0.8)
+                          stderr=subprocess.PIPE, text=True, env=ENV)
+  if when != "lock taken":
+    time.sleep(0.8 if when == "importing" else 3.0)
   else:
     deadline = time.time() + 120
     while time.time() < deadline and not (workdir / "lock").exists() and proc.poll() is None:
@@ -410,7 +424,8 @@ def test_checkpoints_a_file_is_one_line_not_a_hang(data_cache, tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "checkpoints").write_text("not a directory")
-  out = subprocess.run(_train_args(workdir, data_cache), cwd=ROOT, capture_output=True, text=True, timeout=240)
+  out = subprocess.run(_train_args(workdir, data_cache), cwd=ROOT, capture_output=True, text=True, timeout=240,
+                       env=ENV)
   assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
   assert out.stderr.strip().splitlines()[-1].startswith(f"error: {workdir}/checkpoints is a file where"), out.stderr
   assert (workdir / "checkpoints").read_text() == "not a directory" and not (workdir / "config.json").exists()
@@ -419,6 +434,7 @@ def test_checkpoints_a_file_is_one_line_not_a_hang(data_cache, tmp_path):
 SAVE_FAILS = """
 import os, shutil, sys
 from moa_jax import checkpoint, cli
+cli.early_interrupts()  # what `python -m moa_jax.<cli>` does first
 import jax.numpy as jnp
 
 @cli.command()
@@ -439,7 +455,43 @@ main(sys.argv[1])
 
 def test_a_save_failing_in_orbax_threads_ends_in_one_line_without_hanging(tmp_path):
   out = subprocess.run([sys.executable, "-c", SAVE_FAILS, str(tmp_path / "run")], cwd=ROOT, capture_output=True,
-                       text=True, timeout=180)
+                       text=True, timeout=180, env=ENV)
   lines = out.stderr.strip().splitlines()
   assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
   assert lines[-1].startswith("error: ") and "Not a directory" in lines[-1], out.stderr[-3000:]
+
+
+STUDY = """
+from moa_jax.study import Study
+
+def get_study():
+  return Study(name="sig", sizes=("debug",), arms={"a": "swiglu"}, baseline="a", seeds=(0, 1), steps=100000,
+               overrides={"train.log_every": 1, "train.eval_batches": 1, "train.eval_tokens": 0})
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signals", [[signal.SIGINT], [signal.SIGTERM], [signal.SIGINT, signal.SIGINT]])
+def test_a_signal_stops_the_study_after_the_run_saves(data_cache, tmp_path, signals):
+  (tmp_path / "sig.py").write_text(STUDY)
+  workdir = tmp_path / "study"
+  proc = subprocess.Popen([sys.executable, "-m", "moa_jax.study", str(tmp_path / "sig.py"), f"--workdir={workdir}",
+                           f"--config.data.cache_dir={data_cache}", "--config.data.max_bytes=400000",
+                           "--compilation_cache=off"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=ENV)
+  metrics = workdir / "runs" / "debug-a-lr1x-s0" / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size) and proc.poll() is None:
+    time.sleep(0.1)
+  for sig in signals:  # two signals that arrive before the handler runs count as one: space them
+    proc.send_signal(sig)
+    time.sleep(0.5)
+  out, err = proc.communicate(timeout=180)
+  last = err.strip().splitlines()[-1]
+  assert proc.returncode in (130, 143) and "Traceback" not in err and "Fatal Python error" not in err, err[-3000:]
+  assert not (workdir / "runs" / "debug-a-lr1x-s1").exists()  # the next run never started
+  if len(signals) == 1:
+    assert last.startswith("study stopped: debug-a-lr1x-s0 saved its step"), err[-2000:]
+    assert os.listdir(workdir / "runs" / "debug-a-lr1x-s0" / "checkpoints")
+  else:  # the second one aborts at once, or came after the run had saved and the study had stopped
+    assert last.startswith(("error: ", "study stopped: ")), err[-2000:]

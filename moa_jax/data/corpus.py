@@ -169,8 +169,10 @@ def _list_files(spec: str, kind: str, pattern: str) -> tuple[str, list[str]]:
     raise ValueError(f"data.source = {spec!r} names a directory; {_directory_hint(pattern)}")
   files = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
   if not files:
+    where = "" if os.path.isabs(os.path.expanduser(pattern)) else (
+        f"; it is relative, read from the current directory {os.getcwd()}: give an absolute path")
     raise ValueError(f"data.source = {spec!r} matched no files; expected {_FORMS} naming existing "
-                     f"files (check the path, and quote the pattern so the shell does not expand it)")
+                     f"files (check the path, and quote the pattern so the shell does not expand it){where}")
   return _pattern_root(os.path.expanduser(pattern)), files
 
 

@@ -24,8 +24,9 @@ stopped. Within a process, _IN_FLIGHT shards run at once: the tokenizers library
 1 MB batch on every core with the GIL released, while the other shard reads and writes. A
 `max_bytes` cap (tests, tiny runs) makes one shard of the capped documents.
 
-The key names the source spec, not the files' contents: after editing a glob / JSONL / Parquet
-source in place, delete its directory to prepare it again. Every file is written under a temporary
+The key names the source spec, not the files' contents: a run that reuses a prepared glob / JSONL /
+Parquet set says so, with its file count, and warns when files were added, removed or changed since;
+delete its directory to prepare it again. Every file is written under a temporary
 name and renamed (atomic.py), so processes preparing the same set at once never see partial files;
 the temporaries of a killed run are removed by the next one.
 """
