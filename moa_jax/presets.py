@@ -160,6 +160,9 @@ def lm_config(size: str = "debug", ffn: str = "swiglu") -> ml_collections.Config
       eps=1e-8,                                  # Adam ε
       weight_decay=0.1,                          # decoupled weight decay on matrices
       decay_mix_params=False,                    # also decay LA coefficients / MoA gates
+      gate_lr_multiplier=1.0,                    # MoA gate weights U and biases b train at lr × this
+      gate_kernel_trainable=True,                # False: U stays at its init, zero: gates σ(b) per layer
+                                                 # (MoA without token adaptivity: the sigmoid-LA control)
       clip_norm=1.0,                             # global gradient-norm clip (0: off)
   ))
   c.train = ml_collections.ConfigDict(dict(

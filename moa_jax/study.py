@@ -46,7 +46,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from moa_jax import checkpoint, presets, report, rundir
+from moa_jax import budget, checkpoint, presets, report, rundir
 
 
 class StudyError(ValueError):
@@ -60,10 +60,13 @@ class Arm:
   match_flops: another FFN preset; this arm's FFN width d_ff is set so that its training FLOPs per
   token equal that preset's at the same size (e.g. a SwiGLU widened to bi-MoA's FLOPs), and it trains
   on that preset's token budget: an equal-compute arm.
+  compute_of: another arm's name; this arm trains on that arm's compute (FLOPs, or seconds under a
+  wall_clock budget): more steps when it is cheaper (moa_jax.budget), e.g. an equal-compute SwiGLU.
   """
   ffn: str
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   match_flops: str = ""
+  compute_of: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +90,12 @@ class Study:
   pilot_sd: float = 0.0                   # > 0: a paired SD (nats) from an earlier study, for an a-priori
                                           # power line (what the planned seeds can detect) before any data
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # every run (arms' win)
+  budget: str = "tokens"                  # held equal between arms: tokens | flops | wall_clock (budget.py)
+  budget_arm: str = ""                    # flops / wall_clock: the arm whose run sets it (default: baseline)
+  throughput: Mapping[str, float] = dataclasses.field(default_factory=dict)  # wall_clock: arm -> tokens/s,
+                                          # each measured alone on the machine
+  equal_grid: bool = True                 # tuned: every arm's lr grid ends with as many points
+  margin: float = 0.05                    # the equivalence margin (nats) of the TOST, declared in advance
   description: str = ""                   # the report's preamble (default: the file's docstring)
 
   def __post_init__(self):
@@ -95,6 +104,10 @@ class Study:
     for field in ("sizes", "seeds", "lr_multipliers", "tune_seeds", "primary"):
       object.__setattr__(self, field, tuple(getattr(self, field)))
     object.__setattr__(self, "comparisons", tuple(tuple(c) for c in self.comparisons))
+    try:
+      budget.check(self.budget, arms, self.throughput, self.budget_arm or self.baseline)
+    except budget.BudgetError as e:
+      raise StudyError(f"study {self.name!r}: {e}") from None
     if self.baseline not in arms:
       raise StudyError(f"study {self.name!r}: baseline = {self.baseline!r} is not an arm; arms: {', '.join(arms)}")
     for size in self.sizes:
@@ -212,12 +225,14 @@ def run_config(study: Study, size: str, arm: str, lr_multiplier: float, seed: in
   lr × multiplier and train.seed = seed."""
   spec = study.arms[arm]
   c = _base_config(study, size, spec.ffn, spec.overrides)
-  budget = c
+  base = c
   if spec.match_flops:
-    budget = _base_config(study, size, spec.match_flops, spec.overrides)
-    c.model.ffn.d_ff = _match_width(c, budget)
+    base = _base_config(study, size, spec.match_flops, spec.overrides)
+    c.model.ffn.d_ff = _match_width(c, base)
   c.name = f"{study.name}/{run_name(size, arm, lr_multiplier, seed)}"
-  c.train.steps = _steps(study, budget)
+  c.train.steps = budget.steps(
+      study.budget, arm, spec.compute_of, study.budget_arm or study.baseline, study.throughput,
+      (_steps(study, base), _flops(c)), lambda other: _token_steps_and_flops(study, size, other))
   shape, given = presets.RUN_SHAPES[size], {**study.overrides, **spec.overrides}
   if "optim.warmup_steps" not in given:
     c.optim.warmup_steps = max(1, round(shape["warmup_fraction"] * c.train.steps))
@@ -226,9 +241,21 @@ def run_config(study: Study, size: str, arm: str, lr_multiplier: float, seed: in
     c.train.eval_every = max(c.train.log_every, c.train.log_every * round(every / c.train.log_every))
   if "checkpoint.every" not in given:
     c.checkpoint.every = max(c.train.eval_every, c.train.steps // 4)
+  if "data.eval_split" not in given and c.data.get("test_percent", 0):
+    c.data.eval_split = "val" if seed in study.tune_seeds else "test"  # choices on val, comparisons on test
   c.optim.lr = c.optim.lr * lr_multiplier
   c.train.seed = seed
   return c
+
+
+def _token_steps_and_flops(study: Study, size: str, arm: str) -> tuple[int, float]:
+  """An arm's steps on its own token budget and its FLOPs per token (the reference of a budget)."""
+  spec = study.arms[arm]
+  c = _base_config(study, size, spec.ffn, spec.overrides)
+  base = _base_config(study, size, spec.match_flops, spec.overrides) if spec.match_flops else c
+  if spec.match_flops:
+    c.model.ffn.d_ff = _match_width(c, base)
+  return _steps(study, base), _flops(c)
 
 
 def _ref(study: Study, workdir: str, size: str, arm: str, m: float, seed: int) -> report.RunRef:
@@ -241,11 +268,13 @@ def _runs(study, workdir, size, arm, multipliers, seeds):
 
 # ------------------------------------------------------------------------------------- lr tuning
 
-def tuning_state(study: Study, workdir: str, size: str, arm: str) -> report.Tuning:
+def tuning_state(study: Study, workdir: str, size: str, arm: str, min_points: int = 0) -> report.Tuning:
   """Where the arm's lr search stands, read from its tuning runs: the grid so far (the study's
   lr_multipliers, widened one point at a time beyond an edge optimum, up to `widen` points), each
   multiplier's mean final eval loss over tune_seeds (a diverged seed makes it inf: a failure), the
-  multipliers still to run, and the best one once every point of the grid has finished."""
+  multipliers still to run, and the best one once every point of the grid has finished. With
+  min_points, a settled grid grows on the side of the best with fewer points until it has that many
+  (so every arm is searched as finely: Study.equal_grid)."""
   grid = sorted(study.lr_multipliers)
   while True:
     scores, pending = {}, []
@@ -269,11 +298,32 @@ def tuning_state(study: Study, workdir: str, size: str, arm: str) -> report.Tuni
       new = [grid[0] * grid[0] / grid[1]]
     elif best == grid[-1]:
       new = [grid[-1] * grid[-1] / grid[-2]]
+    elif len(grid) < min_points:  # inside, but coarser than another arm's search
+      below, above = grid.index(best), len(grid) - 1 - grid.index(best)
+      new = [grid[0] * grid[0] / grid[1]] if below < above else [grid[-1] * grid[-1] / grid[-2]]
+      grid = sorted(grid + [float(f"{m:.4g}") for m in new])
+      continue
     else:  # inside the grid
       return report.Tuning(size, arm, grid, scores, best, [], True)
     if len(grid) - len(study.lr_multipliers) + len(new) > study.widen:
       return report.Tuning(size, arm, grid, scores, best, [], False)
     grid = sorted(grid + [float(f"{m:.4g}") for m in new])
+
+
+def tuning_states(study: Study, workdir: str, size: str) -> dict[str, report.Tuning]:
+  """Every arm's lr search; with equal_grid, a settled arm's grid grows to the largest grid of any arm
+  (evaluation seeds wait until every arm has settled, so none starts on a choice that may move)."""
+  states = {arm: tuning_state(study, workdir, size, arm) for arm in study.arms}
+  while study.equal_grid:
+    points = max(len(t.grid) for t in states.values())
+    grown = {arm: tuning_state(study, workdir, size, arm, points) for arm in study.arms}
+    if all(len(grown[a].grid) == len(states[a].grid) for a in states):
+      break
+    states = grown
+  if study.equal_grid and any(t.pending or len(t.grid) < max(len(u.grid) for u in states.values())
+                              for t in states.values()):
+    states = {a: dataclasses.replace(t, best=None) if not t.pending else t for a, t in states.items()}
+  return states
 
 
 def plan(study: Study, workdir: str) -> list[tuple[report.RunRef, ml_collections.ConfigDict]]:
@@ -287,7 +337,7 @@ def plan(study: Study, workdir: str) -> list[tuple[report.RunRef, ml_collections
       for arm in study.arms:
         out += _runs(study, workdir, size, arm, study.lr_multipliers, study.seeds)
       continue
-    states = {arm: tuning_state(study, workdir, size, arm) for arm in study.arms}
+    states = tuning_states(study, workdir, size)
     for arm, t in states.items():
       out += _runs(study, workdir, size, arm, t.grid, study.tune_seeds)
     for seed in study.seeds:
@@ -342,8 +392,8 @@ def run_study(study: Study, workdir: str, *, out_dir: str | None = None, command
       done.add(ref.workdir)
       _train_one(ref, config, f"[{i + 1}/{len(runs)}{'+' if study.tuned else ''}]")
   runs = plan(study, workdir)
-  tuning = {(size, arm): tuning_state(study, workdir, size, arm)
-            for size in study.sizes for arm in study.arms} if study.tuned else {}
+  tuning = {(size, arm): t for size in study.sizes
+            for arm, t in tuning_states(study, workdir, size).items()} if study.tuned else {}
   path = report.write_report(study, [ref for ref, _ in runs], out_dir or workdir, command, tuning)
   print(f"wrote {path}", flush=True)
   return path
@@ -449,7 +499,7 @@ def _parse(text: str, like: Any, element: Any = ""):
 
 
 _SETTABLE = [f.name for f in dataclasses.fields(Study)
-             if f.name not in ("arms", "overrides", "description", "primary", "comparisons")]
+             if f.name not in ("arms", "overrides", "description", "primary", "comparisons", "throughput")]
 
 
 def with_flags(study: Study, flags: list[str]) -> Study:
