@@ -96,6 +96,8 @@ class Study:
                                           # each measured alone on the machine
   equal_grid: bool = True                 # tuned: every arm's lr grid ends with as many points
   margin: float = 0.05                    # the equivalence margin (nats) of the TOST, declared in advance
+  document_se: bool = True                # the report re-evaluates each evaluation run's final checkpoint
+                                          # per document (moa_jax.heldout): SEs over documents
   description: str = ""                   # the report's preamble (default: the file's docstring)
 
   def __post_init__(self):
