@@ -49,6 +49,8 @@ RUN_SHAPES = {
     "1.3b": dict(batch_size=512, seq_len=2048, warmup_fraction=0.02, evals=20, overrides={}),
     "2b": dict(batch_size=512, seq_len=2048, warmup_fraction=0.02, evals=20, overrides={}),
 }
+# MoE rungs join a ladder at the run shape of the dense size they share d_model with (debug_moe: debug's).
+RUN_SHAPES.update({name: RUN_SHAPES["debug" if name == "debug_moe" else "0.35b"] for name in MOE_SIZES})
 
 _K7 = PAPER_DICTIONARY
 # name: FFN fields. Type-I ("mlp") variants use F = 4·d, Type-II ("glu") F ≈ 8/3·d: equal matmul params.

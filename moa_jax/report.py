@@ -228,7 +228,7 @@ def write_report(study, runs: list[RunRef], out_dir: str, command: str = "",
       why = f": {r.error.splitlines()[0]}" if r.error else ""
       lines.append(f"- `{os.path.basename(r.ref.workdir)}`: {r.status}{why}")
     lines.append("")
-  lines += provenance(results, command)
+  lines += provenance(results, command)[:-1] + [f"- written to: `{out_dir}` (a report moved elsewhere says so here)", ""]
   path = os.path.join(out_dir, "report.md")
   with open(path, "w") as f:
     f.write("\n".join(lines))
@@ -542,7 +542,9 @@ def _figures(study, v: _Variants, label, tuning_runs, tuning, comparisons, scali
     figures.append(("Training loss", _save(fig, out_dir, "loss.png"), ""))
     series = {label(k): [plot.run_curve(r.records, "eval_loss") for r in v.finished(k)] for k in curve_keys}
     fig = plot.loss_curves(series, metric="eval_loss", smooth=0.0, title=f"{study.name}: eval loss{lr_note}")
-    figures.append(("Eval loss", _save(fig, out_dir, "eval_loss.png"), ""))
+    figures.append(("Eval loss", _save(fig, out_dir, "eval_loss.png"),
+                    "Bands: each arm's own 95% CI over seeds (unpaired). Overlapping bands do not mean no "
+                    "difference: the arms share seeds, and the paired differences below are what the tests use."))
     differences = {}
     for c in comparisons:
       if (v.tuned or c.m == reference) and c.d.n:
@@ -559,7 +561,10 @@ def _figures(study, v: _Variants, label, tuning_runs, tuning, comparisons, scali
     figures.append(("Loss against compute and wall-clock time", _save(plot.loss_vs_compute(compute), out_dir,
                                                                       "compute.png"),
                     "Training FLOPs count the mixing (moa_jax.summary). Wall-clock: the sum of the logged "
-                    "intervals (compilation and evaluation excluded), on whatever shared machine ran it."))
+                    "intervals (compilation and evaluation excluded), on whatever machine ran it. Read the right "
+                    "panel only for arms that ran one at a time on an otherwise idle machine; arms run side by "
+                    "side, or on a shared CPU, measure contention there, not the arms' cost. A wall-clock "
+                    "budget takes each arm's tokens/s measured alone (Study.throughput)."))
   lr_runs = tuning_runs if tuning else ([r for r in v.results] if len(study.lr_multipliers) > 1 else [])
   if lr_runs:
     points = {}
@@ -578,8 +583,10 @@ def _figures(study, v: _Variants, label, tuning_runs, tuning, comparisons, scali
     best = {k: base[k] * m for k, m in chosen.items() if m is not None and k in base}
     if points:
       title = "lr tuning: final eval loss on the tuning seeds (○ chosen)" if tuning else ""
-      figures.append(("Learning rate", _save(plot.lr_sensitivity(points, best=best, title=title), out_dir,
-                                             "lr_sensitivity.png"), ""))
+      evals = getattr(study, "final_evals", 1)
+      ylabel = "final eval loss (nats/token)" + (f": mean of the last {evals} evals" if evals > 1 else ": last eval")
+      figures.append(("Learning rate", _save(plot.lr_sensitivity(points, best=best, title=title, ylabel=ylabel),
+                                             out_dir, "lr_sensitivity.png"), ""))
   if fits:
     figures.append(("Scaling", _save(plot.scaling(scaling_points, fits), out_dir, "scaling.png"), ""))
   for field, name, what in (("gates", "gates.png", "mean gate / coefficient"),

@@ -79,6 +79,8 @@ class Study:
   steps: int = 0                          # optimizer steps per run; 0: from the tokens per parameter
   tokens_per_param: float = 0.0           # > 0: steps = ceil(this × parameters / tokens per step);
                                           # 0: the config's train.tokens_per_param (20)
+  budgets: tuple[float, ...] = ()         # several tokens-per-parameter budgets: each size runs at each,
+                                          # as the size label "SIZE@TPP" (the report shows Δ by budget)
   lr_multipliers: tuple[float, ...] = (1.0,)  # each arm at these multiples of its base optim.lr; with
                                           # tune_seeds, the starting grid of each arm's lr search
   tune_seeds: tuple[int, ...] = ()        # seeds the lr is tuned on, apart from `seeds`; empty: no tuning
@@ -103,8 +105,15 @@ class Study:
   def __post_init__(self):
     arms = {name: _arm(name, a) for name, a in self.arms.items()}
     object.__setattr__(self, "arms", arms)
-    for field in ("sizes", "seeds", "lr_multipliers", "tune_seeds", "primary"):
+    for field in ("sizes", "seeds", "lr_multipliers", "tune_seeds", "primary", "budgets"):
       object.__setattr__(self, field, tuple(getattr(self, field)))
+    if self.budgets:
+      if self.steps or self.tokens_per_param:
+        raise StudyError(f"study {self.name!r}: budgets sets the tokens per parameter; leave steps and tokens_per_param at 0")
+      if any(not b > 0 for b in self.budgets):
+        raise StudyError(f"study {self.name!r}: budgets {self.budgets} must be positive tokens per parameter")
+      object.__setattr__(self, "sizes", tuple(dict.fromkeys(
+          s if "@" in s else f"{s}@{b:g}" for s in self.sizes for b in self.budgets)))
     object.__setattr__(self, "comparisons", tuple(tuple(c) for c in self.comparisons))
     try:
       budget.check(self.budget, arms, self.throughput, self.budget_arm or self.baseline)
@@ -113,8 +122,8 @@ class Study:
     if self.baseline not in arms:
       raise StudyError(f"study {self.name!r}: baseline = {self.baseline!r} is not an arm; arms: {', '.join(arms)}")
     for size in self.sizes:
-      if size not in presets.SIZES:
-        raise StudyError(f"study {self.name!r}: size {size!r}; known: {', '.join(presets.SIZES)}")
+      if preset_size(size) not in presets.RUN_SHAPES:
+        raise StudyError(f"study {self.name!r}: size {size!r}; known: {', '.join(presets.RUN_SHAPES)}")
     if not self.sizes or not self.seeds or not self.lr_multipliers:
       raise StudyError(f"study {self.name!r}: sizes, seeds and lr_multipliers must each be non-empty")
     if len(set(self.seeds)) < len(self.seeds) or len(set(self.tune_seeds)) < len(self.tune_seeds):
@@ -169,10 +178,16 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
     node[keys[-1]] = tuple(value) if isinstance(value, list) else value
 
 
-def _steps(study: Study, config) -> int:
+def preset_size(size: str) -> str:
+  """"debug@20" (a size at a token budget, Study.budgets) -> "debug"."""
+  return size.partition("@")[0]
+
+
+def _steps(study: Study, config, size: str = "") -> int:
   if study.steps:
     return study.steps
-  per_param = study.tokens_per_param or config.train.get("tokens_per_param", 0.0)
+  budget_tpp = float(size.partition("@")[2] or 0)
+  per_param = budget_tpp or study.tokens_per_param or config.train.get("tokens_per_param", 0.0)
   if not per_param:
     return config.train.steps
   params = _params_without_mixing(config.model.to_json_best_effort(sort_keys=True))
@@ -212,8 +227,8 @@ def run_name(size: str, arm: str, lr_multiplier: float, seed: int) -> str:
 
 def _base_config(study: Study, size: str, ffn: str, arm_overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """The size's preset under its run shape (presets.RUN_SHAPES), then the study's and the arm's overrides."""
-  c = presets.lm_config(size, ffn)
-  shape = presets.RUN_SHAPES[size]
+  c = presets.lm_config(preset_size(size), ffn)
+  shape = presets.RUN_SHAPES[preset_size(size)]
   apply_overrides(c, {"train.batch_size": shape["batch_size"], "train.seq_len": shape["seq_len"],
                       "train.eval_tokens": 1 << 20, "train.sample_every": 0, **shape["overrides"]})
   apply_overrides(c, study.overrides)
@@ -234,8 +249,8 @@ def run_config(study: Study, size: str, arm: str, lr_multiplier: float, seed: in
   c.name = f"{study.name}/{run_name(size, arm, lr_multiplier, seed)}"
   c.train.steps = budget.steps(
       study.budget, arm, spec.compute_of, study.budget_arm or study.baseline, study.throughput,
-      (_steps(study, base), _flops(c)), lambda other: _token_steps_and_flops(study, size, other))
-  shape, given = presets.RUN_SHAPES[size], {**study.overrides, **spec.overrides}
+      (_steps(study, base, size), _flops(c)), lambda other: _token_steps_and_flops(study, size, other))
+  shape, given = presets.RUN_SHAPES[preset_size(size)], {**study.overrides, **spec.overrides}
   if "optim.warmup_steps" not in given:
     c.optim.warmup_steps = max(1, round(shape["warmup_fraction"] * c.train.steps))
   if "train.eval_every" not in given:
@@ -257,7 +272,7 @@ def _token_steps_and_flops(study: Study, size: str, arm: str) -> tuple[int, floa
   base = _base_config(study, size, spec.match_flops, spec.overrides) if spec.match_flops else c
   if spec.match_flops:
     c.model.ffn.d_ff = _match_width(c, base)
-  return _steps(study, base), _flops(c)
+  return _steps(study, base, size), _flops(c)
 
 
 def _ref(study: Study, workdir: str, size: str, arm: str, m: float, seed: int) -> report.RunRef:
@@ -448,9 +463,9 @@ def format_plan(study: Study, estimate: dict, flops_per_sec: float, tokens_per_s
   """The plan as a table, and its time at flops_per_sec (or, when given, tokens_per_sec)."""
   lines = [f"study {study.name}: {estimate['runs']} runs" + (f" (up to {estimate['runs_max']} if every lr "
            f"search widens {study.widen} times)" if estimate["runs_max"] > estimate["runs"] else ""),
-           f"  {'size':<11}{'arm':<14}{'steps':>8}{'tokens/run':>13}{'FLOPs/token':>13}"]
+           f"  {'size':<18}{'arm':<14}{'steps':>8}{'tokens/run':>13}{'FLOPs/token':>13}"]
   for size, arm, steps, tokens, flops in estimate["rows"]:
-    lines.append(f"  {size:<11}{arm:<14}{steps:>8,}{tokens:>13.3g}{flops:>13.3g}")
+    lines.append(f"  {size:<18}{arm:<14}{steps:>8,}{tokens:>13.3g}{flops:>13.3g}")
   if tokens_per_sec:
     hours, rate = lambda f: f / estimate["flops"] * estimate["tokens"] / tokens_per_sec / 3600, f"{tokens_per_sec:,.0f} tokens/s"
   else:
@@ -480,7 +495,7 @@ def load_study(path: str) -> Study:
 
 
 # Element types of the Study's list fields (an empty default has no element to copy the type of).
-_ELEMENTS = {"sizes": "", "seeds": 0, "tune_seeds": 0, "lr_multipliers": 0.0}
+_ELEMENTS = {"sizes": "", "seeds": 0, "tune_seeds": 0, "lr_multipliers": 0.0, "budgets": 0.0}
 
 
 def _parse(text: str, like: Any, element: Any = ""):
@@ -507,7 +522,7 @@ _SETTABLE = [f.name for f in dataclasses.fields(Study)
 def with_flags(study: Study, flags: list[str]) -> Study:
   """Applies --study.FIELD=VALUE and --config.PATH=VALUE flags."""
   changes, overrides = {}, dict(study.overrides)
-  probe = presets.lm_config(study.sizes[0], study.arms[study.baseline].ffn)
+  probe = presets.lm_config(preset_size(study.sizes[0]), study.arms[study.baseline].ffn)
   for flag in flags:
     key, sep, text = flag.partition("=")
     if not sep or not key.startswith(("--study.", "--config.")):
