@@ -115,12 +115,12 @@ class Study:
       object.__setattr__(self, "sizes", tuple(dict.fromkeys(
           s if "@" in s else f"{s}@{b:g}" for s in self.sizes for b in self.budgets)))
     object.__setattr__(self, "comparisons", tuple(tuple(c) for c in self.comparisons))
+    if self.baseline not in arms:
+      raise StudyError(f"study {self.name!r}: baseline = {self.baseline!r} is not an arm; arms: {', '.join(arms)}")
     try:
       budget.check(self.budget, arms, self.throughput, self.budget_arm or self.baseline)
     except budget.BudgetError as e:
       raise StudyError(f"study {self.name!r}: {e}") from None
-    if self.baseline not in arms:
-      raise StudyError(f"study {self.name!r}: baseline = {self.baseline!r} is not an arm; arms: {', '.join(arms)}")
     for size in self.sizes:
       if preset_size(size) not in presets.RUN_SHAPES:
         raise StudyError(f"study {self.name!r}: size {size!r}; known: {', '.join(presets.RUN_SHAPES)}")
