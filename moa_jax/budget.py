@@ -6,7 +6,10 @@
     budget = "flops"       every arm trains on the FLOPs the reference arm (`budget_arm`, default the
                            baseline; an arm's `compute_of` wins) spends on its token budget
     budget = "wall_clock"  the same in seconds, from `throughput`: each arm's tokens/s measured alone
-                           on the machine (not side by side with other runs)
+                           on the machine (not side by side with other runs): e.g. the
+                           tokens/s column of a short study on the idle target machine
+                           (--study.steps=200 --study.tune_seeds= --study.seeds=0; the runner
+                           trains one run at a time)
 
 An arm's steps are then round(reference steps × cost per token of the reference / the arm's own), so
 an arm that is 0.86× as fast as the reference trains 1/0.86 × as many steps under an equal budget.
