@@ -655,8 +655,9 @@ def provenance(results: list[RunResult], command: str = "") -> list[str]:
            f"- devices (the process that wrote this report, which trained the runs when it was "
            f"`python -m moa_jax.study`): {len(devices)} × {devices[0].device_kind} ({devices[0].platform}), "
            f"{os.cpu_count()} host CPUs"]
-  for data in dict.fromkeys(r.config.data.to_json_best_effort(sort_keys=True) for r in results if r.config):
-    lines.append(f"- data: {_data_key(json.loads(data), results)}")
+  data_lines = [f"- data: {_data_key(json.loads(data), results)}"  # runs differing only in eval_split share a set
+                for data in dict.fromkeys(r.config.data.to_json_best_effort(sort_keys=True) for r in results if r.config)]
+  lines += list(dict.fromkeys(data_lines))
   if command:
     lines.append(f"- command: `{command}`")
   return lines + [""]
