@@ -25,8 +25,13 @@ runs, tokens and FLOPs the study needs, and trains nothing.
 The CLI keeps JAX's persistent compilation cache in WORKDIR/jax_cache (--compilation_cache=off to
 disable): the seeds of an arm compile the same programs, so only the first compiles.
 
+With data.test_percent > 0 (a three-way split), tuning runs evaluate on the validation split and
+evaluation runs on the test split (data.eval_split). `budget` holds tokens, FLOPs or wall-clock time
+equal between arms (moa_jax.budget); `budgets` runs each size at several tokens per parameter.
+
 Flags: `--study.FIELD=VALUE` replaces a Study field (sizes, seeds, tune_seeds, steps, tokens_per_param,
-lr_multipliers, widen, final_evals, effect, arms — a subset of arm names —, baseline, name);
+budgets, lr_multipliers, widen, equal_grid, final_evals, effect, margin, budget, budget_arm, document_se,
+arms — a subset of arm names —, baseline, name);
 `--config.PATH=VALUE` overrides a config field in every run (`--config.data.cache_dir=/tmp/cache`).
 Lists are comma-separated.
 """
