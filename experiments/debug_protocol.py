@@ -14,8 +14,9 @@ tiny_mixing's arms; bi-MoA runs at less than half SwiGLU's speed on a CPU) gives
 (~66 min at most), plus evals (~10%) and one compile per arm and lr. Measured (2026-11-29): 13 tuning
 + 9 evaluation runs in 72 min wall-clock with the arms run side by side (--study.arms=A
 --study.baseline=A, one process each), on 2 cores shared with other work; see the result's README.
-Primary comparison: bi-MoA − SwiGLU; also bi-MoA − bi-LA (token-adaptive vs per-layer mixing) and
-bi-LA − SwiGLU, Holm-corrected over the three.
+Primary comparison: bi-MoA − SwiGLU; also bi-MoA − bi-LA (two parametrisations, not token adaptivity
+alone: the sigmoid-LA control in debug_protocol_v2.py isolates that) and bi-LA − SwiGLU, Holm-corrected
+over the three.
 Expect: differences of hundredths of a nat at most at this size; the power table says what three
 seeds can and cannot detect. This is a protocol exercise at toy scale, not evidence about MoA at 0.1B+.
 """

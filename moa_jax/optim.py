@@ -138,6 +138,20 @@ def _orthogonalise_where_stacked(tx: optax.GradientTransformation, params, logic
   return optax.GradientTransformation(tx.init, update)
 
 
+def gate_scale(params, c) -> optax.GradientTransformation | None:
+  """Scales the updates of MoA gate parameters: `gate_lr_multiplier` on U (gate_kernel) and b
+  (gate_bias); 0 on U when not `gate_kernel_trainable`, so U stays at its init (zero) and the gates
+  are σ(b) per layer: the sigmoid-LA control. None when nothing is scaled."""
+  trainable, m = c.get("gate_kernel_trainable", True), c.get("gate_lr_multiplier", 1.0)
+  if trainable and m == 1.0:
+    return None
+  factors = {"gate_kernel": m if trainable else 0.0, "gate_bias": m}
+  scale = jax.tree_util.tree_map_with_path(lambda path, x: factors.get(_name(path), 1.0), params)
+  return optax.GradientTransformation(
+      lambda _: optax.EmptyState(),
+      lambda updates, state, params=None: (jax.tree_util.tree_map(lambda u, f: u * f, updates, scale), state))
+
+
 def make_optimizer(c, steps: int, params, logical_specs, mesh: Mesh | None = None) -> optax.GradientTransformation:
   """params: abstract parameter tree; logical_specs: its logical PartitionSpecs (for Muon's axes);
   mesh: where the train step runs (Muon then orthogonalises each stacked matrix where it lives)."""
@@ -153,4 +167,6 @@ def make_optimizer(c, steps: int, params, logical_specs, mesh: Mesh | None = Non
                              consistent_rms=0.2)
     if mesh is not None and mesh.size > 1:
       opt = _orthogonalise_where_stacked(opt, params, logical_specs, mesh)
+  gates = gate_scale(params, c)
+  opt = optax.chain(opt, gates) if gates else opt
   return optax.chain(optax.clip_by_global_norm(c.clip_norm), opt) if c.clip_norm > 0 else opt

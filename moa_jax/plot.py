@@ -197,11 +197,11 @@ def loss_vs_compute(series: dict[str, list[tuple[list[dict], float]]], *, metric
 
 
 def lr_sensitivity(points: dict[str, list[tuple[float, float, float, int]]], *, best: dict | None = None,
-                   title: str = "") -> Figure:
+                   title: str = "", ylabel: str = "final eval loss (nats/token)") -> Figure:
   """points: label -> [(peak lr, mean final eval loss, 95% CI half-width, diverged seeds)], one per lr.
 
   A diverged seed is drawn as a cross at the top of the plot; means use the seeds that finished.
-  best: label -> the chosen peak lr, ringed.
+  best: label -> the chosen peak lr, ringed. A point from one seed (no CI) is drawn hollow: n = 1.
   """
   fig = Figure(figsize=(6.5, 4.5), layout="constrained")
   ax = fig.subplots()
@@ -214,19 +214,25 @@ def lr_sensitivity(points: dict[str, list[tuple[float, float, float, int]]], *, 
       lrs, means, halves = map(np.array, zip(*ok))
       ax.errorbar(lrs, means, yerr=np.where(np.isfinite(halves), halves, 0), color=colour, marker="o",
                   capsize=3, label=label)
+      single = ~np.isfinite(halves)
+      if single.any():
+        ax.scatter(lrs[single], means[single], s=36, facecolors="white", edgecolors=colour, zorder=3)
     chosen = [(lr, m) for lr, m, _ in ok if best and label in best and math.isclose(lr, best[label], rel_tol=1e-6)]
     if chosen:
       ax.scatter(*zip(*chosen), s=160, facecolors="none", edgecolors=colour, lw=1.5, zorder=4)
     failed = [lr for lr, _, _, n_failed in pts if n_failed]
     if failed:
       ax.scatter(failed, [top] * len(failed), marker="x", s=60, color=colour)
-  if any(n for pts in points.values() for *_, n in pts):
-    ax.text(0.01, 0.99, "×: a seed diverged at this lr", transform=ax.transAxes, va="top", fontsize=8)
+  notes = (["×: a seed diverged at this lr"] if any(n for pts in points.values() for *_, n in pts) else []) + (
+      ["hollow: n = 1 (one seed, no CI)"] if any(not math.isfinite(h) for pts in points.values()
+                                                   for _, m, h, _ in pts if math.isfinite(m)) else [])
+  if notes:
+    ax.text(0.01, 0.99, "; ".join(notes), transform=ax.transAxes, va="top", fontsize=8)
   lrs = np.array([lr for pts in points.values() for lr, *_ in pts], float)
   ax.set_xscale("log")  # lr grids are geometric
   if len(lrs) and lrs.min() == lrs.max():
     ax.set_xlim(lrs.min() / 2, lrs.max() * 2)
-  ax.set(xlabel="peak learning rate (log scale)", ylabel="final eval loss (nats/token)",
+  ax.set(xlabel="peak learning rate (log scale)", ylabel=ylabel,
          title=title or "learning-rate sensitivity (mean ± 95% CI over seeds)")
   ax.grid(True, which="both", alpha=0.3)
   if ax.get_legend_handles_labels()[0]:

@@ -49,6 +49,8 @@ RUN_SHAPES = {
     "1.3b": dict(batch_size=512, seq_len=2048, warmup_fraction=0.02, evals=20, overrides={}),
     "2b": dict(batch_size=512, seq_len=2048, warmup_fraction=0.02, evals=20, overrides={}),
 }
+# MoE rungs join a ladder at the run shape of the dense size they share d_model with (debug_moe: debug's).
+RUN_SHAPES.update({name: RUN_SHAPES["debug" if name == "debug_moe" else "0.35b"] for name in MOE_SIZES})
 
 _K7 = PAPER_DICTIONARY
 # name: FFN fields. Type-I ("mlp") variants use F = 4·d, Type-II ("glu") F ≈ 8/3·d: equal matmul params.
@@ -160,6 +162,9 @@ def lm_config(size: str = "debug", ffn: str = "swiglu") -> ml_collections.Config
       eps=1e-8,                                  # Adam ε
       weight_decay=0.1,                          # decoupled weight decay on matrices
       decay_mix_params=False,                    # also decay LA coefficients / MoA gates
+      gate_lr_multiplier=1.0,                    # MoA gate weights U and biases b train at lr × this
+      gate_kernel_trainable=True,                # False: U stays at its init, zero: gates σ(b) per layer
+                                                 # (MoA without token adaptivity: the sigmoid-LA control)
       clip_norm=1.0,                             # global gradient-norm clip (0: off)
   ))
   c.train = ml_collections.ConfigDict(dict(

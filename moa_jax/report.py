@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from moa_jax import plot, rundir, stats
+from moa_jax import heldout, plot, rundir, scaling, stats
 
 ALPHA = 0.05  # the level of every test, CI and star
 
@@ -213,6 +213,9 @@ def write_report(study, runs: list[RunRef], out_dir: str, command: str = "",
   if tuning:
     lines += _tuning_table(study, tuning, tuning_runs)
   lines += _per_seed(study, v, label)
+  if getattr(study, "document_se", False):
+    pairs = [(c, v.key(c.size, c.arm, c.m), v.key(c.size, c.other, c.m)) for c in comparisons]
+    lines += heldout.report_lines({k: v.finished(k) for k in v.keys}, pairs, lambda c: _name(c, study), label)
   scaling_lines, scaling_points, fits = _scaling(study, v)
   lines += scaling_lines
   figures = _figures(study, v, label, tuning_runs, tuning, comparisons, scaling_points, fits, out_dir)
@@ -225,7 +228,7 @@ def write_report(study, runs: list[RunRef], out_dir: str, command: str = "",
       why = f": {r.error.splitlines()[0]}" if r.error else ""
       lines.append(f"- `{os.path.basename(r.ref.workdir)}`: {r.status}{why}")
     lines.append("")
-  lines += provenance(results, command)
+  lines += provenance(results, command)[:-1] + [f"- written to: `{out_dir}` (a report moved elsewhere says so here)", ""]
   path = os.path.join(out_dir, "report.md")
   with open(path, "w") as f:
     f.write("\n".join(lines))
@@ -247,8 +250,21 @@ def _run_shapes(study, results: list[RunResult]) -> list[str]:
               f"{o.lr / r.ref.lr_multiplier:.3g} × the arm's multiplier ({o.schedule}, {o.warmup_steps} warmup steps), "
               f"{o.name}, {r.config.model.dtype} compute. Eval every {t.eval_every} steps"
               + (f" on a fixed shuffled subset of {_si(eval_tokens)} held-out tokens" if eval_tokens else "")
+              + _splits_used(study, results)
               + (f"; the final loss is the mean of the last {evals} evals" if evals > 1 else "") + ".", ""]
   return lines
+
+
+def _split_of(r: RunResult) -> str:
+  return r.config.data.get("eval_split", "val") if r.config is not None else "val"
+
+
+def _splits_used(study, results: list[RunResult]) -> str:
+  """Which split the tuning and the evaluation runs' evals read."""
+  tune = set(getattr(study, "tune_seeds", ()))
+  used = {("tuning" if r.ref.seed in tune else "evaluation", _split_of(r)) for r in results if r.config is not None}
+  parts = [f"{kind} runs on the `{split}` split" for kind, split in sorted(used)]
+  return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _table(study, v: _Variants, label, tuning: dict) -> list[str]:
@@ -275,7 +291,9 @@ def _table(study, v: _Variants, label, tuning: dict) -> list[str]:
     if len(study.sizes) > 1:
       row.insert(1, size)
     rows.append(row)
-  out = ["## Final eval loss", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  splits = sorted({_split_of(r) for r in v.results if r.config is not None})
+  where = f" on the `{'`, `'.join(splits)}` split" if splits else ""
+  out = [f"## Final eval loss{where}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   out += ["| " + " | ".join(r) + " |" for r in rows]
   out += ["", "Eval loss: mean next-token cross-entropy (nats/token) on the fixed held-out subset. "
           "CI: Student t over the finished seeds; with one seed there is none. FLOPs/token: training "
@@ -340,19 +358,33 @@ def _p(p: float) -> str:
 def _comparison_table(study, comparisons: list[Comparison]) -> list[str]:
   if not comparisons:
     return []
+  margin = getattr(study, "margin", 0.0)
   out = ["## Comparisons", "", "| comparison | paired seeds | mean (arm) | mean (other) | Δ (paired, 95% CI) "
-         "| p | p (Holm) |", "|---|---|---|---|---|---|---|"]
+         "| p | p (Holm) |" + (f" within ±{margin:g} (TOST p) |" if margin else ""),
+         "|---|---|---|---|---|---|---|" + ("---|" if margin else "")]
   for c in comparisons:
     fails = "; ".join(f"`{a}` diverged on seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))}"
                       for a, s in c.failed.items() if s)
     delta = c.d.format(signed=True) + (" *" if c.p_holm < ALPHA else "")
     out.append(f"| {_name(c, study)} | {len(c.seeds)} | {c.mean_arm:.4f} | {c.mean_other:.4f} | {delta}"
-               f"{' — ' + fails + ' (a failure: p = 1)' if fails else ''} | {_p(c.p)} | {_p(c.p_holm)} |")
+               f"{' — ' + fails + ' (a failure: p = 1)' if fails else ''} | {_p(c.p)} | {_p(c.p_holm)} |"
+               + (f" {_equivalence(c, margin)} |" if margin else ""))
   out += ["", f"Δ < 0: the first arm has the lower loss. Means and Δ use the same seeds (those both arms "
           f"finished). p: two-sided paired t-test; Holm: adjusted over the {len(comparisons)} comparisons "
           f"above (family-wise error ≤ {ALPHA:g}); `*`: Holm-adjusted p < {ALPHA:g}. A seed that diverged "
-          "counts as a failure of its arm: the comparison gets p = 1 rather than losing the seed.", ""]
+          "counts as a failure of its arm: the comparison gets p = 1 rather than losing the seed."
+          + (f" TOST: two one-sided paired t-tests at the margin ±{margin:g} nats declared in the study file; "
+             f"p < {ALPHA:g} says the difference lies within the margin (unadjusted), which a non-significant "
+             "t-test cannot say." if margin else "")
+          + (f" An exact permutation (sign-flip) test could not go below p = {stats.permutation_floor(n):.3g} "
+             f"with {n} seeds, whatever the data." if (n := min((c.d.n for c in comparisons if c.d.n), default=0))
+             and 2 <= n <= 5 else ""), ""]
   return out
+
+
+def _equivalence(c: Comparison, margin: float) -> str:
+  p = 1.0 if any(c.failed.values()) else stats.tost(c.d, margin)
+  return "—" if not math.isfinite(p) else f"{'**yes**' if p < ALPHA else 'not shown'} ({_p(p)})"
 
 
 def _power_table(study, comparisons: list[Comparison]) -> list[str]:
@@ -361,8 +393,8 @@ def _power_table(study, comparisons: list[Comparison]) -> list[str]:
   pilot = getattr(study, "pilot_sd", 0.0)
   if not rows and not pilot:
     return []
-  out = ["## Power", "", f"| comparison | paired SD | seeds | effect found with 80% power | seeds for "
-         f"|Δ| = {effect:g} | seeds for the observed |Δ| |", "|---|---|---|---|---|---|"]
+  out = ["## Power", "", f"| comparison | paired SD (95% CI) | seeds | effect found with 80% power | seeds for "
+         f"|Δ| = {effect:g} (at the SD's CI) | seeds for the observed |Δ| |", "|---|---|---|---|---|---|"]
   if pilot:
     n = len(study.seeds)
     out.append(f"| a priori, every comparison (the study file's pilot SD) | {pilot:.4f} | {n} (planned) | "
@@ -373,10 +405,15 @@ def _power_table(study, comparisons: list[Comparison]) -> list[str]:
     need = stats.seeds_needed(effect, c.d.sd, alpha=ALPHA)
     observed = stats.seeds_needed(abs(c.d.mean), c.d.sd, alpha=ALPHA) if c.d.mean else -1
     fmt = lambda n: "—" if n < 0 else (f"> {100_000:,}" if n > 100_000 else f"{n:,}")
-    out.append(f"| {_name(c, study)} | {c.d.sd:.4f} | {c.d.n} | {mde:.4f} | {fmt(need)} | {fmt(observed)} |")
+    lo, hi = stats.sd_interval(c.d.sd, c.d.n)
+    mde_lo, mde_hi = (stats.min_detectable_effect(sd, c.d.n, alpha=ALPHA) for sd in (lo, hi))
+    few, many = (stats.seeds_needed(effect, sd, alpha=ALPHA) for sd in (lo, hi))
+    out.append(f"| {_name(c, study)} | {c.d.sd:.4f} ({lo:.4f}–{hi:.4f}) | {c.d.n} | {mde:.4f} ({mde_lo:.4f}–{mde_hi:.4f}) "
+               f"| {fmt(need)} ({fmt(few)}–{fmt(many)}) | {fmt(observed)} |")
   out += ["", f"Power of the two-sided paired t-test at α = {ALPHA:g} (unadjusted), from the noncentral t "
           "distribution with the observed paired SD taken as the truth. An effect below the third column "
-          "would usually be missed at these seeds.", ""]
+          "would usually be missed at these seeds. The paired SD is itself estimated from few seeds: its 95% CI "
+          "(χ², n − 1 degrees of freedom) is carried into the effect and seed counts in brackets.", ""]
   return out
 
 
@@ -385,7 +422,11 @@ def _tuning_table(study, tuning: dict, tuning_runs: list[RunResult]) -> list[str
          f"Each arm's lr multiplier chosen by the mean final eval loss over tuning seeds "
          f"{', '.join(map(str, study.tune_seeds))} (never used for the comparisons); the grid starts at "
          f"{', '.join(_multiplier(m) for m in sorted(study.lr_multipliers))} and widens by one point while the "
-         f"best is at an edge (at most {study.widen} points). ✗: a tuning seed diverged.", "",
+         f"best is at an edge (at most {study.widen} points)"
+         + (", and every arm's grid grows to as many points as the largest" if getattr(study, "equal_grid", False) else "")
+         + f". Evals of the tuning runs read the `{'`, `'.join(sorted({_split_of(r) for r in tuning_runs if r.config}) or ['val'])}` "
+         "split. (sd …): the SD of the final loss over the tuning seeds, the noise the choice is made against. "
+         "✗: a tuning seed diverged.", "",
          "| arm | " + ("size | " if len(study.sizes) > 1 else "") + "loss by lr multiplier | best | verdict |",
          "|---|" + ("---|" if len(study.sizes) > 1 else "") + "---|---|---|"]
   base_lr = {}
@@ -396,8 +437,11 @@ def _tuning_table(study, tuning: dict, tuning_runs: list[RunResult]) -> list[str
     cells = []
     for m in t.grid:
       score = t.scores.get(m)
+      sd = stats.mean_ci(r.final_eval_loss for r in tuning_runs if (r.ref.size, r.ref.arm, r.ref.lr_multiplier)
+                         == (size, arm, m) and r.status == "finished").sd
+      noise = f" (sd {sd:.4f})" if math.isfinite(sd) else ""
       cells.append(f"{_multiplier(m)}: " + ("pending" if score is None else "✗" if not math.isfinite(score)
-                                            else (f"**{score:.4f}**" if m == t.best else f"{score:.4f}")))
+                                            else (f"**{score:.4f}**" if m == t.best else f"{score:.4f}") + noise))
     lr = base_lr.get((size, arm))
     best = "—" if t.best is None else _multiplier(t.best) + (f" = {lr * t.best:.3g}" if lr else "")
     verdict = ("still running" if t.pending else "inside the grid" if t.settled else
@@ -450,8 +494,8 @@ def _scaling(study, v: _Variants, bootstrap: int = 1000):
   def fit_all(sample):
     if any(math.isnan(mean(d, sample)) for p in per_arm.values() for _, d in p):
       return None  # a resample holding none of a variant's finished seeds
-    free = {k: stats.power_law_fit([c for c, _ in p], [mean(d, sample) for _, d in p]) for k, p in per_arm.items()}
-    shared = stats.shared_exponent_fit({k: ([c for c, _ in p], [mean(d, sample) for _, d in p])
+    free = {k: scaling.power_law_fit([c for c, _ in p], [mean(d, sample) for _, d in p]) for k, p in per_arm.items()}
+    shared = scaling.shared_exponent_fit({k: ([c for c, _ in p], [mean(d, sample) for _, d in p])
                                         for k, p in per_arm.items()}) if len(per_arm) > 1 else None
     return free, shared
 
@@ -479,6 +523,7 @@ def _scaling(study, v: _Variants, bootstrap: int = 1000):
       ratio = [d[1][0][k] / d[1][0][base] for d in draws]
       lines.append(f"| `{k}` | {a:.4g} | {a / prefactors[base]:.4f}{fmt_ci(ratio, '.4f')} |")
   lines.append("")
+  lines += scaling.report_lines(per_arm, study.baseline)
   points = {k: [(c, mean(d, seeds)) for c, d in p] for k, p in per_arm.items()}
   return lines, points, {k: free[k][:2] for k in per_arm}
 
@@ -497,7 +542,9 @@ def _figures(study, v: _Variants, label, tuning_runs, tuning, comparisons, scali
     figures.append(("Training loss", _save(fig, out_dir, "loss.png"), ""))
     series = {label(k): [plot.run_curve(r.records, "eval_loss") for r in v.finished(k)] for k in curve_keys}
     fig = plot.loss_curves(series, metric="eval_loss", smooth=0.0, title=f"{study.name}: eval loss{lr_note}")
-    figures.append(("Eval loss", _save(fig, out_dir, "eval_loss.png"), ""))
+    figures.append(("Eval loss", _save(fig, out_dir, "eval_loss.png"),
+                    "Bands: each arm's own 95% CI over seeds (unpaired). Overlapping bands do not mean no "
+                    "difference: the arms share seeds, and the paired differences below are what the tests use."))
     differences = {}
     for c in comparisons:
       if (v.tuned or c.m == reference) and c.d.n:
@@ -514,7 +561,10 @@ def _figures(study, v: _Variants, label, tuning_runs, tuning, comparisons, scali
     figures.append(("Loss against compute and wall-clock time", _save(plot.loss_vs_compute(compute), out_dir,
                                                                       "compute.png"),
                     "Training FLOPs count the mixing (moa_jax.summary). Wall-clock: the sum of the logged "
-                    "intervals (compilation and evaluation excluded), on whatever shared machine ran it."))
+                    "intervals (compilation and evaluation excluded), on whatever machine ran it. Read the right "
+                    "panel only for arms that ran one at a time on an otherwise idle machine; arms run side by "
+                    "side, or on a shared CPU, measure contention there, not the arms' cost. A wall-clock "
+                    "budget takes each arm's tokens/s measured alone (Study.throughput)."))
   lr_runs = tuning_runs if tuning else ([r for r in v.results] if len(study.lr_multipliers) > 1 else [])
   if lr_runs:
     points = {}
@@ -533,8 +583,10 @@ def _figures(study, v: _Variants, label, tuning_runs, tuning, comparisons, scali
     best = {k: base[k] * m for k, m in chosen.items() if m is not None and k in base}
     if points:
       title = "lr tuning: final eval loss on the tuning seeds (○ chosen)" if tuning else ""
-      figures.append(("Learning rate", _save(plot.lr_sensitivity(points, best=best, title=title), out_dir,
-                                             "lr_sensitivity.png"), ""))
+      evals = getattr(study, "final_evals", 1)
+      ylabel = "final eval loss (nats/token)" + (f": mean of the last {evals} evals" if evals > 1 else ": last eval")
+      figures.append(("Learning rate", _save(plot.lr_sensitivity(points, best=best, title=title, ylabel=ylabel),
+                                             out_dir, "lr_sensitivity.png"), ""))
   if fits:
     figures.append(("Scaling", _save(plot.scaling(scaling_points, fits), out_dir, "scaling.png"), ""))
   for field, name, what in (("gates", "gates.png", "mean gate / coefficient"),
@@ -603,8 +655,9 @@ def provenance(results: list[RunResult], command: str = "") -> list[str]:
            f"- devices (the process that wrote this report, which trained the runs when it was "
            f"`python -m moa_jax.study`): {len(devices)} × {devices[0].device_kind} ({devices[0].platform}), "
            f"{os.cpu_count()} host CPUs"]
-  for data in dict.fromkeys(r.config.data.to_json_best_effort(sort_keys=True) for r in results if r.config):
-    lines.append(f"- data: {_data_key(json.loads(data), results)}")
+  data_lines = [f"- data: {_data_key(json.loads(data), results)}"  # runs differing only in eval_split share a set
+                for data in dict.fromkeys(r.config.data.to_json_best_effort(sort_keys=True) for r in results if r.config)]
+  lines += list(dict.fromkeys(data_lines))
   if command:
     lines.append(f"- command: `{command}`")
   return lines + [""]
@@ -632,6 +685,8 @@ def _data_key(data: dict, results: list[RunResult]) -> str:
     if (name.startswith(data["source"].split(":")[0] + "-") and key.get("max_bytes") == data["max_bytes"]
         and key.get("val_percent") == data["val_percent"] and (data["tokenizer"] or key.get("tokenizer") == tokenizer)):
       splits = meta.get("splits", {})
-      sizes = ", ".join(f"{k} {_si(v['n_tokens'])} tokens" for k, v in splits.items() if "n_tokens" in v)
+      sizes = ", ".join(f"{k} {_si(v['n_tokens'])} tokens in {v.get('n_docs', '?'):,} documents"
+                        + (f" (largest {v['max_doc_tokens'] / v['n_tokens']:.0%})" if v.get("max_doc_tokens") and k != "train" else "")
+                        for k, v in splits.items() if v.get("n_tokens"))
       return f"prepared set `{name}` (key {json.dumps(key, sort_keys=True)}; {sizes})"
   return f"{fields} (its prepared set is not in this machine's cache)"

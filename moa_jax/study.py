@@ -25,8 +25,13 @@ runs, tokens and FLOPs the study needs, and trains nothing.
 The CLI keeps JAX's persistent compilation cache in WORKDIR/jax_cache (--compilation_cache=off to
 disable): the seeds of an arm compile the same programs, so only the first compiles.
 
+With data.test_percent > 0 (a three-way split), tuning runs evaluate on the validation split and
+evaluation runs on the test split (data.eval_split). `budget` holds tokens, FLOPs or wall-clock time
+equal between arms (moa_jax.budget); `budgets` runs each size at several tokens per parameter.
+
 Flags: `--study.FIELD=VALUE` replaces a Study field (sizes, seeds, tune_seeds, steps, tokens_per_param,
-lr_multipliers, widen, final_evals, effect, arms — a subset of arm names —, baseline, name);
+budgets, lr_multipliers, widen, equal_grid, final_evals, effect, margin, budget, budget_arm, document_se,
+arms — a subset of arm names —, baseline, name);
 `--config.PATH=VALUE` overrides a config field in every run (`--config.data.cache_dir=/tmp/cache`).
 Lists are comma-separated.
 """
@@ -45,7 +50,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from moa_jax import checkpoint, cli, presets, report, rundir, study_guard
+from moa_jax import budget, checkpoint, cli, presets, report, rundir, study_guard
 
 
 class StudyError(ValueError):
@@ -59,10 +64,13 @@ class Arm:
   match_flops: another FFN preset; this arm's FFN width d_ff is set so that its training FLOPs per
   token equal that preset's at the same size (e.g. a SwiGLU widened to bi-MoA's FLOPs), and it trains
   on that preset's token budget: an equal-compute arm.
+  compute_of: another arm's name; this arm trains on that arm's compute (FLOPs, or seconds under a
+  wall_clock budget): more steps when it is cheaper (moa_jax.budget), e.g. an equal-compute SwiGLU.
   """
   ffn: str
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   match_flops: str = ""
+  compute_of: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +83,8 @@ class Study:
   steps: int = 0                          # optimizer steps per run; 0: from the tokens per parameter
   tokens_per_param: float = 0.0           # > 0: steps = ceil(this × parameters / tokens per step);
                                           # 0: the config's train.tokens_per_param (20)
+  budgets: tuple[float, ...] = ()         # several tokens-per-parameter budgets: each size runs at each,
+                                          # as the size label "SIZE@TPP" (the report shows Δ by budget)
   lr_multipliers: tuple[float, ...] = (1.0,)  # each arm at these multiples of its base optim.lr; with
                                           # tune_seeds, the starting grid of each arm's lr search
   tune_seeds: tuple[int, ...] = ()        # seeds the lr is tuned on, apart from `seeds`; empty: no tuning
@@ -86,19 +96,38 @@ class Study:
   pilot_sd: float = 0.0                   # > 0: a paired SD (nats) from an earlier study, for an a-priori
                                           # power line (what the planned seeds can detect) before any data
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # every run (arms' win)
+  budget: str = "tokens"                  # held equal between arms: tokens | flops | wall_clock (budget.py)
+  budget_arm: str = ""                    # flops / wall_clock: the arm whose run sets it (default: baseline)
+  throughput: Mapping[str, float] = dataclasses.field(default_factory=dict)  # wall_clock: arm -> tokens/s,
+                                          # each measured alone on the machine
+  equal_grid: bool = True                 # tuned: every arm's lr grid ends with as many points
+  margin: float = 0.05                    # the equivalence margin (nats) of the TOST, declared in advance
+  document_se: bool = True                # the report re-evaluates each evaluation run's final checkpoint
+                                          # per document (moa_jax.heldout): SEs over documents
   description: str = ""                   # the report's preamble (default: the file's docstring)
 
   def __post_init__(self):
     arms = {name: _arm(name, a) for name, a in self.arms.items()}
     object.__setattr__(self, "arms", arms)
-    for field in ("sizes", "seeds", "lr_multipliers", "tune_seeds", "primary"):
+    for field in ("sizes", "seeds", "lr_multipliers", "tune_seeds", "primary", "budgets"):
       object.__setattr__(self, field, tuple(getattr(self, field)))
+    if self.budgets:
+      if self.steps or self.tokens_per_param:
+        raise StudyError(f"study {self.name!r}: budgets sets the tokens per parameter; leave steps and tokens_per_param at 0")
+      if any(not b > 0 for b in self.budgets):
+        raise StudyError(f"study {self.name!r}: budgets {self.budgets} must be positive tokens per parameter")
+      object.__setattr__(self, "sizes", tuple(dict.fromkeys(
+          s if "@" in s else f"{s}@{b:g}" for s in self.sizes for b in self.budgets)))
     object.__setattr__(self, "comparisons", tuple(tuple(c) for c in self.comparisons))
     if self.baseline not in arms:
       raise StudyError(f"study {self.name!r}: baseline = {self.baseline!r} is not an arm; arms: {', '.join(arms)}")
+    try:
+      budget.check(self.budget, arms, self.throughput, self.budget_arm or self.baseline)
+    except budget.BudgetError as e:
+      raise StudyError(f"study {self.name!r}: {e}") from None
     for size in self.sizes:
-      if size not in presets.SIZES:
-        raise StudyError(f"study {self.name!r}: size {size!r}; known: {', '.join(presets.SIZES)}")
+      if preset_size(size) not in presets.RUN_SHAPES:
+        raise StudyError(f"study {self.name!r}: size {size!r}; known: {', '.join(presets.RUN_SHAPES)}")
     if not self.sizes or not self.seeds or not self.lr_multipliers:
       raise StudyError(f"study {self.name!r}: sizes, seeds and lr_multipliers must each be non-empty")
     if len(set(self.seeds)) < len(self.seeds) or len(set(self.tune_seeds)) < len(self.tune_seeds):
@@ -153,10 +182,16 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
     node[keys[-1]] = tuple(value) if isinstance(value, list) else value
 
 
-def _steps(study: Study, config) -> int:
+def preset_size(size: str) -> str:
+  """"debug@20" (a size at a token budget, Study.budgets) -> "debug"."""
+  return size.partition("@")[0]
+
+
+def _steps(study: Study, config, size: str = "") -> int:
   if study.steps:
     return study.steps
-  per_param = study.tokens_per_param or config.train.get("tokens_per_param", 0.0)
+  budget_tpp = float(size.partition("@")[2] or 0)
+  per_param = budget_tpp or study.tokens_per_param or config.train.get("tokens_per_param", 0.0)
   if not per_param:
     return config.train.steps
   params = _params_without_mixing(config.model.to_json_best_effort(sort_keys=True))
@@ -196,8 +231,8 @@ def run_name(size: str, arm: str, lr_multiplier: float, seed: int) -> str:
 
 def _base_config(study: Study, size: str, ffn: str, arm_overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """The size's preset under its run shape (presets.RUN_SHAPES), then the study's and the arm's overrides."""
-  c = presets.lm_config(size, ffn)
-  shape = presets.RUN_SHAPES[size]
+  c = presets.lm_config(preset_size(size), ffn)
+  shape = presets.RUN_SHAPES[preset_size(size)]
   apply_overrides(c, {"train.batch_size": shape["batch_size"], "train.seq_len": shape["seq_len"],
                       "train.eval_tokens": 1 << 20, "train.sample_every": 0, **shape["overrides"]})
   apply_overrides(c, study.overrides)
@@ -211,13 +246,15 @@ def run_config(study: Study, size: str, arm: str, lr_multiplier: float, seed: in
   lr × multiplier and train.seed = seed."""
   spec = study.arms[arm]
   c = _base_config(study, size, spec.ffn, spec.overrides)
-  budget = c
+  base = c
   if spec.match_flops:
-    budget = _base_config(study, size, spec.match_flops, spec.overrides)
-    c.model.ffn.d_ff = _match_width(c, budget)
+    base = _base_config(study, size, spec.match_flops, spec.overrides)
+    c.model.ffn.d_ff = _match_width(c, base)
   c.name = f"{study.name}/{run_name(size, arm, lr_multiplier, seed)}"
-  c.train.steps = _steps(study, budget)
-  shape, given = presets.RUN_SHAPES[size], {**study.overrides, **spec.overrides}
+  c.train.steps = budget.steps(
+      study.budget, arm, spec.compute_of, study.budget_arm or study.baseline, study.throughput,
+      (_steps(study, base, size), _flops(c)), lambda other: _token_steps_and_flops(study, size, other))
+  shape, given = presets.RUN_SHAPES[preset_size(size)], {**study.overrides, **spec.overrides}
   if "optim.warmup_steps" not in given:
     c.optim.warmup_steps = max(1, round(shape["warmup_fraction"] * c.train.steps))
   if "train.eval_every" not in given:
@@ -225,9 +262,21 @@ def run_config(study: Study, size: str, arm: str, lr_multiplier: float, seed: in
     c.train.eval_every = max(c.train.log_every, c.train.log_every * round(every / c.train.log_every))
   if "checkpoint.every" not in given:
     c.checkpoint.every = max(c.train.eval_every, c.train.steps // 4)
+  if "data.eval_split" not in given and c.data.get("test_percent", 0):
+    c.data.eval_split = "val" if seed in study.tune_seeds else "test"  # choices on val, comparisons on test
   c.optim.lr = c.optim.lr * lr_multiplier
   c.train.seed = seed
   return c
+
+
+def _token_steps_and_flops(study: Study, size: str, arm: str) -> tuple[int, float]:
+  """An arm's steps on its own token budget and its FLOPs per token (the reference of a budget)."""
+  spec = study.arms[arm]
+  c = _base_config(study, size, spec.ffn, spec.overrides)
+  base = _base_config(study, size, spec.match_flops, spec.overrides) if spec.match_flops else c
+  if spec.match_flops:
+    c.model.ffn.d_ff = _match_width(c, base)
+  return _steps(study, base, size), _flops(c)
 
 
 def _ref(study: Study, workdir: str, size: str, arm: str, m: float, seed: int) -> report.RunRef:
@@ -240,11 +289,13 @@ def _runs(study, workdir, size, arm, multipliers, seeds):
 
 # ------------------------------------------------------------------------------------- lr tuning
 
-def tuning_state(study: Study, workdir: str, size: str, arm: str) -> report.Tuning:
+def tuning_state(study: Study, workdir: str, size: str, arm: str, min_points: int = 0) -> report.Tuning:
   """Where the arm's lr search stands, read from its tuning runs: the grid so far (the study's
   lr_multipliers, widened one point at a time beyond an edge optimum, up to `widen` points), each
   multiplier's mean final eval loss over tune_seeds (a diverged seed makes it inf: a failure), the
-  multipliers still to run, and the best one once every point of the grid has finished."""
+  multipliers still to run, and the best one once every point of the grid has finished. With
+  min_points, a settled grid grows on the side of the best with fewer points until it has that many
+  (so every arm is searched as finely: Study.equal_grid)."""
   grid = sorted(study.lr_multipliers)
   while True:
     scores, pending = {}, []
@@ -268,11 +319,32 @@ def tuning_state(study: Study, workdir: str, size: str, arm: str) -> report.Tuni
       new = [grid[0] * grid[0] / grid[1]]
     elif best == grid[-1]:
       new = [grid[-1] * grid[-1] / grid[-2]]
+    elif len(grid) < min_points:  # inside, but coarser than another arm's search
+      below, above = grid.index(best), len(grid) - 1 - grid.index(best)
+      new = [grid[0] * grid[0] / grid[1]] if below < above else [grid[-1] * grid[-1] / grid[-2]]
+      grid = sorted(grid + [float(f"{m:.4g}") for m in new])
+      continue
     else:  # inside the grid
       return report.Tuning(size, arm, grid, scores, best, [], True)
     if len(grid) - len(study.lr_multipliers) + len(new) > study.widen:
       return report.Tuning(size, arm, grid, scores, best, [], False)
     grid = sorted(grid + [float(f"{m:.4g}") for m in new])
+
+
+def tuning_states(study: Study, workdir: str, size: str) -> dict[str, report.Tuning]:
+  """Every arm's lr search; with equal_grid, a settled arm's grid grows to the largest grid of any arm
+  (evaluation seeds wait until every arm has settled, so none starts on a choice that may move)."""
+  states = {arm: tuning_state(study, workdir, size, arm) for arm in study.arms}
+  while study.equal_grid:
+    points = max(len(t.grid) for t in states.values())
+    grown = {arm: tuning_state(study, workdir, size, arm, points) for arm in study.arms}
+    if all(len(grown[a].grid) == len(states[a].grid) for a in states):
+      break
+    states = grown
+  if study.equal_grid and any(t.pending or len(t.grid) < max(len(u.grid) for u in states.values())
+                              for t in states.values()):
+    states = {a: dataclasses.replace(t, best=None) if not t.pending else t for a, t in states.items()}
+  return states
 
 
 def plan(study: Study, workdir: str) -> list[tuple[report.RunRef, ml_collections.ConfigDict]]:
@@ -286,7 +358,7 @@ def plan(study: Study, workdir: str) -> list[tuple[report.RunRef, ml_collections
       for arm in study.arms:
         out += _runs(study, workdir, size, arm, study.lr_multipliers, study.seeds)
       continue
-    states = {arm: tuning_state(study, workdir, size, arm) for arm in study.arms}
+    states = tuning_states(study, workdir, size)
     for arm, t in states.items():
       out += _runs(study, workdir, size, arm, t.grid, study.tune_seeds)
     for seed in study.seeds:
@@ -342,8 +414,8 @@ def run_study(study: Study, workdir: str, *, out_dir: str | None = None, command
       done.add(ref.workdir)
       _train_one(ref, config, f"[{i + 1}/{len(runs)}{'+' if study.tuned else ''}]")
   runs = plan(study, workdir)
-  tuning = {(size, arm): tuning_state(study, workdir, size, arm)
-            for size in study.sizes for arm in study.arms} if study.tuned else {}
+  tuning = {(size, arm): t for size in study.sizes
+            for arm, t in tuning_states(study, workdir, size).items()} if study.tuned else {}
   path = report.write_report(study, [ref for ref, _ in runs], out_dir or workdir, command, tuning)
   print(f"wrote {path}", flush=True)
   return path
@@ -398,9 +470,9 @@ def format_plan(study: Study, estimate: dict, flops_per_sec: float, tokens_per_s
   """The plan as a table, and its time at flops_per_sec (or, when given, tokens_per_sec)."""
   lines = [f"study {study.name}: {estimate['runs']} runs" + (f" (up to {estimate['runs_max']} if every lr "
            f"search widens {study.widen} times)" if estimate["runs_max"] > estimate["runs"] else ""),
-           f"  {'size':<11}{'arm':<14}{'steps':>8}{'tokens/run':>13}{'FLOPs/token':>13}"]
+           f"  {'size':<18}{'arm':<14}{'steps':>8}{'tokens/run':>13}{'FLOPs/token':>13}"]
   for size, arm, steps, tokens, flops in estimate["rows"]:
-    lines.append(f"  {size:<11}{arm:<14}{steps:>8,}{tokens:>13.3g}{flops:>13.3g}")
+    lines.append(f"  {size:<18}{arm:<14}{steps:>8,}{tokens:>13.3g}{flops:>13.3g}")
   if tokens_per_sec:
     hours, rate = lambda f: f / estimate["flops"] * estimate["tokens"] / tokens_per_sec / 3600, f"{tokens_per_sec:,.0f} tokens/s"
   else:
@@ -430,7 +502,7 @@ def load_study(path: str) -> Study:
 
 
 # Element types of the Study's list fields (an empty default has no element to copy the type of).
-_ELEMENTS = {"sizes": "", "seeds": 0, "tune_seeds": 0, "lr_multipliers": 0.0}
+_ELEMENTS = {"sizes": "", "seeds": 0, "tune_seeds": 0, "lr_multipliers": 0.0, "budgets": 0.0}
 
 
 def _parse(text: str, like: Any, element: Any = ""):
@@ -451,13 +523,13 @@ def _parse(text: str, like: Any, element: Any = ""):
 
 
 _SETTABLE = [f.name for f in dataclasses.fields(Study)
-             if f.name not in ("arms", "overrides", "description", "primary", "comparisons")]
+             if f.name not in ("arms", "overrides", "description", "primary", "comparisons", "throughput")]
 
 
 def with_flags(study: Study, flags: list[str]) -> Study:
   """Applies --study.FIELD=VALUE and --config.PATH=VALUE flags."""
   changes, overrides = {}, dict(study.overrides)
-  probe = presets.lm_config(study.sizes[0], study.arms[study.baseline].ffn)
+  probe = presets.lm_config(preset_size(study.sizes[0]), study.arms[study.baseline].ffn)
   for flag in flags:
     key, sep, text = flag.partition("=")
     if not sep or not key.startswith(("--study.", "--config.")):

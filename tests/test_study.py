@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from moa_jax import report, rundir, stats, study, train
+from moa_jax import report, rundir, scaling, stats, study, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +64,7 @@ def test_mean_ci_and_paired_difference_hand_checked():
 
 def test_power_law_fit_recovers_exponent():
   c = np.array([1e17, 1e18, 1e19, 1e20])
-  a, b, r2 = stats.power_law_fit(c, 7.0 * c ** -0.05)
+  a, b, r2 = scaling.power_law_fit(c, 7.0 * c ** -0.05)
   assert (a, b, r2) == (pytest.approx(7.0), pytest.approx(0.05), pytest.approx(1.0))
 
 
@@ -345,10 +345,10 @@ def test_power_matches_scipy_noncentral_t_where_installed():
 
 
 def test_fits_report_no_r2_for_two_points_and_share_an_exponent():
-  a, b, r2 = stats.power_law_fit([1e17, 1e18], [4.0, 3.5])
+  a, b, r2 = scaling.power_law_fit([1e17, 1e18], [4.0, 3.5])
   assert math.isnan(r2) and b == pytest.approx(math.log(4.0 / 3.5) / math.log(10))
   c = np.array([1e17, 1e18, 1e19])
-  prefactors, b = stats.shared_exponent_fit({"x": (c, 7.0 * c ** -0.05), "y": (c, 6.3 * c ** -0.05)})
+  prefactors, b = scaling.shared_exponent_fit({"x": (c, 7.0 * c ** -0.05), "y": (c, 6.3 * c ** -0.05)})
   assert b == pytest.approx(0.05) and prefactors["y"] / prefactors["x"] == pytest.approx(0.9)
 
 

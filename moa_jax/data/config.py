@@ -15,5 +15,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.cache_dir = ""       # prepared sets live under it (local or gs://); '' = $MOA_JAX_CACHE or ~/.cache/moa_jax
   c.text_field = "text"  # the JSONL field / Parquet or datasets column holding each document's text
   c.val_percent = 2.0    # percent of documents (stdlib / glob: files) held out for validation
+  c.test_percent = 0.0   # percent of documents held out as the test split (final comparisons only)
+  c.heldout_max_bytes = 0  # > 0: a document longer than this always trains (no file dominates val/test)
+  c.eval_split = "val"   # the split train's evals read: 'val' (choices: lr, early stopping) or 'test'
   c.max_bytes = 0        # cap on the text read, for tests and tiny runs; 0 = the whole source
   return c

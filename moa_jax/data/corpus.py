@@ -21,11 +21,15 @@ skips `site-packages` / `dist-packages` (installed third-party code, which varie
 source-encoding tests).
 
 Split. Every document has a stable key: the file's path relative to the source root, plus
-`:<row>` for JSONL / Parquet records. A document is in validation when
-`blake2b(key) % 10000 < val_percent * 100`, so stdlib and glob sources are split by file (no file
-is in both splits) and record sources by record (a single big JSONL file still gets a validation
-split). Files are read in key-hash order, so a `max_bytes` cap takes a spread-out sample rather
-than the alphabetically first files.
+`:<row>` for JSONL / Parquet records. With h = `blake2b(key) % 10000`, a document is in validation
+when `h < val_percent * 100`, in test when `h < (val_percent + test_percent) * 100`, else in train
+(`SplitRule.of`), so stdlib and glob sources are split by file (no file is in two splits) and record
+sources by record (a single big JSONL file still gets held-out splits). Validation is for choices
+(lr, early curves), test for final comparisons only. With `heldout_max_bytes` > 0 a document longer
+than it always trains: one big file (the stdlib's `test_asyncio/test_events.py` is 200 KB) cannot
+dominate a held-out split (the price: held-out documents are the shorter ones). Files are read in
+key-hash order, so a `max_bytes` cap takes a spread-out sample rather than the alphabetically
+first files.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 from moa_jax.data import hf
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 # Installed third-party code (varies by machine), and encodings/: 1.5 MB of generated 256-entry codec
 # tables ("0x00c0: 0x0410,  # CYRILLIC CAPITAL LETTER A") that a small model learns first and then
 # writes back in every sample.
@@ -64,9 +68,9 @@ class Document(NamedTuple):
   split: str | None = None  # 'train' / 'val' from a dataset's own splits (hf.py); None: split by hash
 
 
-def split_of(doc: Document, val_percent: float) -> str:
+def split_of(doc: Document, rule: "SplitRule", n_bytes: int) -> str:
   """The split a document goes to: its dataset's own, else data.val_percent of documents by hash."""
-  return doc.split or ("val" if in_validation(doc.key, val_percent) else "train")
+  return doc.split or rule.of(doc.key, n_bytes)
 
 
 def parse_source(spec: str) -> tuple[str, str]:
@@ -96,7 +100,27 @@ def source_fingerprint(spec: str) -> str:
 
 
 def in_validation(key: str, val_percent: float) -> bool:
-  return _key_hash(key) % 10000 < round(val_percent * 100)
+  return SplitRule(val_percent).of(key, 0) == "val"
+
+
+class SplitRule(NamedTuple):
+  """Which split a document is in (see the module docstring)."""
+  val_percent: float
+  test_percent: float = 0.0
+  heldout_max_bytes: int = 0  # > 0: a document of more bytes always trains
+
+  def of(self, key: str, n_bytes: int) -> str:
+    if self.heldout_max_bytes and n_bytes > self.heldout_max_bytes:
+      return "train"
+    h = _key_hash(key) % 10000
+    if h < round(self.val_percent * 100):
+      return "val"
+    return "test" if h < round((self.val_percent + self.test_percent) * 100) else "train"
+
+  def check(self) -> None:
+    if self.val_percent < 0 or self.test_percent < 0 or self.val_percent + self.test_percent >= 100:
+      raise ValueError(f"data.val_percent = {self.val_percent}, data.test_percent = {self.test_percent}: "
+                       f"each must be ≥ 0 and together below 100")
 
 
 class SourceFiles(NamedTuple):
@@ -122,21 +146,24 @@ def file_documents(kind: str, path: str, root: str, text_field: str) -> Iterator
 
 
 def documents(spec: str, split: str, *, val_percent: float, max_bytes: int = 0,
-              text_field: str = "text") -> Iterator[Document]:
+              text_field: str = "text", rule: SplitRule | None = None) -> Iterator[Document]:
   """Yields the split's non-empty documents; with max_bytes > 0, stops after the one crossing it.
 
   The document crossing the cap is kept, so a split that has any document yields at least one.
+  rule: the split rule (default: SplitRule(val_percent), validation and train only).
   """
   if split not in SPLITS:
     raise ValueError(f"split = {split!r}; expected one of {SPLITS}")
+  rule = rule or SplitRule(val_percent)
   source = source_files(spec)
   n_bytes = 0
   for path in source.files:
     for doc in file_documents(source.kind, path, source.root, text_field):
-      if split_of(doc, val_percent) != split:
+      size = len(doc.text.encode("utf-8"))
+      if split_of(doc, rule, size) != split:
         continue
       yield doc
-      n_bytes += len(doc.text.encode("utf-8"))
+      n_bytes += size
       if max_bytes and n_bytes >= max_bytes:
         return
 

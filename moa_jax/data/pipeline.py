@@ -103,15 +103,22 @@ def make_datasets(data_config: Any, *, vocab_size: int, seq_len: int, global_bat
                              tokenizer=data_config.tokenizer or None,
                              text_field=data_config.text_field,
                              val_percent=data_config.val_percent, max_bytes=data_config.max_bytes,
+                             test_percent=getattr(data_config, "test_percent", 0.0),
+                             heldout_max_bytes=getattr(data_config, "heldout_max_bytes", 0),
                              process_index=process_index, process_count=process_count)
   batch_size = global_batch_size // process_count
   train = _windows(prepared, "train", seq_len, process_count)
-  val = _windows(prepared, "val", seq_len, process_count)
+  split = getattr(data_config, "eval_split", "val")
+  if split not in ("val", "test") or split not in prepared.meta["splits"] or (
+      not prepared.meta["splits"][split]["n_tokens"]):
+    raise ValueError(f"data.eval_split = {split!r}: the prepared set has no such held-out split; use 'val', "
+                     f"or 'test' with data.test_percent > 0")
+  val = _windows(prepared, split, seq_len, process_count)
   return Data(
       tokenizer=prepared.tokenizer,
       meta=prepared.meta,
       train_tokens=prepared.meta["splits"]["train"]["n_tokens"],
-      val_tokens=prepared.meta["splits"]["val"]["n_tokens"],
+      val_tokens=prepared.meta["splits"][split]["n_tokens"],
       _train=_batches(train.shuffle(seed), batch_size, process_index, process_count),
       _eval=_batches(val, batch_size, process_index, process_count),
       _eval_shuffled=_batches(val.shuffle(EVAL_SEED), batch_size, process_index, process_count),

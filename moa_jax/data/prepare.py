@@ -83,13 +83,17 @@ def default_cache_root() -> str:
 
 def prepare(source: str, vocab_size: int, cache_dir: str, tokenizer: str | None = None,
             text_field: str = "text", val_percent: float = 2.0, max_bytes: int | None = None, *,
-            shard_index: int = 0, num_shards: int = 1) -> PreparedData | None:
+            shard_index: int = 0, num_shards: int = 1, test_percent: float = 0.0,
+            heldout_max_bytes: int = 0) -> PreparedData | None:
   """Trains or loads the tokenizer and tokenizes both splits, unless the set is already cached.
 
   vocab_size: the model's vocabulary; the size of the BPE to train, or the bound a given
     tokenizer must fit in. cache_dir: the cache root ('' = $MOA_JAX_CACHE or ~/.cache/moa_jax).
     max_bytes: caps the text read (None or 0 = all): about max_bytes * (1 - val_percent / 100)
-    for train and max_bytes * val_percent / 100 for val, each keeping at least one document.
+    for train and max_bytes * val_percent / 100 for val (test likewise), each keeping at least one
+    document. test_percent, heldout_max_bytes: the test split and the held-out size cap
+    (corpus.SplitRule); part of the set's key only when set, so sets prepared without them keep
+    their key.
     shard_index, num_shards: this process tokenizes shards shard_index, shard_index + num_shards,
     ...; with num_shards > 1 the BPE is trained by shard_index 0 and the others wait for it.
   Returns the set, or None when shards of other processes are still missing.
@@ -106,6 +110,10 @@ def prepare(source: str, vocab_size: int, cache_dir: str, tokenizer: str | None 
       "max_bytes": max_bytes or 0,
       "text_field": text_field,
   }
+  rule = corpus.SplitRule(val_percent, test_percent, heldout_max_bytes)
+  rule.check()
+  if test_percent or heldout_max_bytes:
+    key.update(test_percent=test_percent, heldout_max_bytes=heldout_max_bytes)
   kind, pattern = corpus.parse_source(source)
   if kind == "hf" and hf.has_validation(os.path.expanduser(pattern)):
     key["own_splits"] = True  # validated on the dataset's own split, not data.val_percent of it
@@ -115,7 +123,7 @@ def prepare(source: str, vocab_size: int, cache_dir: str, tokenizer: str | None 
 
   def split_documents(split: str) -> Iterator[corpus.Document]:
     return corpus.documents(source, split, val_percent=val_percent, text_field=text_field,
-                            max_bytes=_split_budget(max_bytes or 0, val_percent, split))
+                            max_bytes=_split_budget(max_bytes or 0, rule, split), rule=rule)
 
   meta = _complete_meta(directory, key)
   if meta is not None and kind in _EDITABLE:
@@ -138,7 +146,7 @@ def prepare(source: str, vocab_size: int, cache_dir: str, tokenizer: str | None 
                        f"{vocab_size}; set --config.model.vocab_size={tok.vocab_size} or larger")
     if meta is None:
       plan = _plan(source, text_field, max_bytes or 0, split_documents)
-      _write_shards(directory, plan[shard_index::num_shards], len(plan), tok, val_percent)
+      _write_shards(directory, plan[shard_index::num_shards], len(plan), tok, rule)
       meta = _index(directory, key, source, tok, len(plan))
   except BaseException:
     if created and not any(directory.iterdir()):
@@ -175,7 +183,7 @@ def _plan(source: str, text_field: str, max_bytes: int,
   """The set's shards: contiguous groups of files of about equal size; one shard when capped."""
   if max_bytes:
     return [_Shard(0, max_bytes,
-                   lambda: itertools.chain(split_documents("train"), split_documents("val")))]
+                   lambda: itertools.chain.from_iterable(split_documents(s) for s in corpus.SPLITS))]
   files = corpus.source_files(source)
   sizes = [os.path.getsize(path) for path in files.files]
   count = default_shard_count(len(sizes), sum(sizes))
@@ -191,7 +199,7 @@ def _plan(source: str, text_field: str, max_bytes: int,
 
 
 def _write_shards(directory: epath.Path, mine: list[_Shard], count: int, tok: Tokenizer,
-                  val_percent: float) -> None:
+                  rule: corpus.SplitRule) -> None:
   todo = [s for s in mine if not (directory / shards.marker_file(s.index, count)).exists()]
   if len(todo) < len(mine):
     logging.info("%d of this process's %d shards are done already; tokenizing the other %d",
@@ -202,7 +210,7 @@ def _write_shards(directory: epath.Path, mine: list[_Shard], count: int, tok: To
   with progress.bar(desc=f"tokenize {len(todo)} of {count} shards",
                  total=sum(s.n_bytes for s in todo), unit="B", unit_scale=True) as bar, \
        concurrent.futures.ThreadPoolExecutor(_IN_FLIGHT) as pool:
-    futures = [pool.submit(_write_shard, directory, s, count, tok, dtype, val_percent, bar.update)
+    futures = [pool.submit(_write_shard, directory, s, count, tok, dtype, rule, bar.update)
                for s in todo]
     try:
       for future in concurrent.futures.as_completed(futures):
@@ -213,12 +221,12 @@ def _write_shards(directory: epath.Path, mine: list[_Shard], count: int, tok: To
 
 
 def _write_shard(directory: epath.Path, shard: _Shard, count: int, tok: Tokenizer, dtype: type,
-                 val_percent: float, progress: Callable[[int], Any]) -> None:
+                 rule: corpus.SplitRule, progress: Callable[[int], Any]) -> None:
   writers = {split: _SplitWriter(directory / shards.token_file(split, shard.index, count), tok,
                                  dtype, progress) for split in corpus.SPLITS}
   try:
     for doc in shard.documents():
-      writers[corpus.split_of(doc, val_percent)].add(doc.text)
+      writers[corpus.split_of(doc, rule, len(doc.text.encode("utf-8")))].add(doc.text)
     counts = {split: writer.close() for split, writer in writers.items()}
   except BaseException:
     for writer in writers.values():
@@ -238,7 +246,7 @@ class _SplitWriter:
     self._file = self._tmp.open("wb")
     self._texts: list[str] = []
     self._pending = 0
-    self.counts = {"n_tokens": 0, "n_docs": 0, "n_bytes": 0}
+    self.counts = {"n_tokens": 0, "n_docs": 0, "n_bytes": 0, "max_doc_tokens": 0}
 
   def add(self, text: str) -> None:
     self._texts.append(text)
@@ -266,6 +274,7 @@ class _SplitWriter:
     n_bytes = sum(len(t.encode("utf-8")) for t in self._texts)
     self.counts["n_tokens"] += flat.size
     self.counts["n_docs"] += len(self._texts)
+    self.counts["max_doc_tokens"] = max(self.counts["max_doc_tokens"], *(len(d) + 1 for d in ids))
     self.counts["n_bytes"] += n_bytes
     self._progress(n_bytes)
     self._texts, self._pending = [], 0
@@ -283,10 +292,13 @@ def _index(directory: epath.Path, key: dict[str, Any], source: str, tok: Tokeniz
       return None
     done.append(json.loads(marker.read_text()))
   splits = {split: {field: sum(d["splits"][split][field] for d in done)
-                    for field in ("n_tokens", "n_docs", "n_bytes")} for split in corpus.SPLITS}
+                    for field in ("n_tokens", "n_docs", "n_bytes")}
+            for split in corpus.SPLITS if all(split in d["splits"] for d in done)}
+  for split in splits:  # the largest document's share of its split: does one file dominate it?
+    splits[split]["max_doc_tokens"] = max(d["splits"][split].get("max_doc_tokens", 0) for d in done)
   if splits["train"]["n_tokens"] == 0:
     raise ValueError(f"data.source = {source!r} gave no training tokens; give a source with text")
-  for split in corpus.SPLITS:
+  for split in splits:
     splits[split]["shards"] = [d["splits"][split]["n_tokens"] for d in done]
   meta = {
       "version": VERSION,
@@ -341,10 +353,11 @@ def _reuse_note(directory: epath.Path, source: str, meta: dict[str, Any]) -> str
   return f"note: reusing the prepared set {directory} ({count} of {source!r}; delete it to prepare again)"
 
 
-def _split_budget(max_bytes: int, val_percent: float, split: str) -> int:
+def _split_budget(max_bytes: int, rule: corpus.SplitRule, split: str) -> int:
   if not max_bytes:
     return 0
-  share = val_percent / 100 if split == "val" else 1 - val_percent / 100
+  share = {"val": rule.val_percent / 100, "test": rule.test_percent / 100}.get(
+      split, 1 - (rule.val_percent + rule.test_percent) / 100)
   return max(1, int(max_bytes * share))
 
 
@@ -386,6 +399,10 @@ def main(argv: list[str] | None = None) -> None:
                       help="JSONL field / Parquet or Hugging Face dataset column holding the text")
   parser.add_argument("--val_percent", type=float, default=2.0,
                       help="percent of documents held out for validation")
+  parser.add_argument("--test_percent", type=float, default=0.0,
+                      help="percent of documents held out as the test split (final comparisons)")
+  parser.add_argument("--heldout_max_bytes", type=int, default=0,
+                      help="> 0: documents longer than this always train (no file dominates a held-out split)")
   parser.add_argument("--max_bytes", type=int, default=0, help="cap on the text read (0 = all)")
   parser.add_argument("--num_shards", type=int, default=1,
                       help="processes (hosts) sharing the work; each runs with its --shard_index")
@@ -401,7 +418,8 @@ def main(argv: list[str] | None = None) -> None:
   cli.check_range("--num_shards", args.num_shards, 1)
   prepared = prepare(args.source, args.vocab_size, args.cache_dir, args.tokenizer or None,
                      args.text_field, args.val_percent, args.max_bytes,
-                     shard_index=args.shard_index, num_shards=args.num_shards)
+                     shard_index=args.shard_index, num_shards=args.num_shards,
+                     test_percent=args.test_percent, heldout_max_bytes=args.heldout_max_bytes)
   if prepared is None:
     print(f"tokenized this process's shards in {time.perf_counter() - start:.1f} s; the process "
           f"that finishes the last shard writes meta.json")
