@@ -83,8 +83,10 @@ def _whole_batch_intermediates(stacked):
 
 
 def make_train_step(model: Decoder, tx: optax.GradientTransformation, lr_schedule, aux_weights: dict,
-                    microbatches: int = 1, loss_chunk: int = 0, param_shardings=None):
-  """(state, batch) -> (state, metrics). With microbatches = M > 1 the batch (B, T) runs as M microbatches
+                    microbatches: int = 1, loss_chunk: int = 0, param_shardings=None, with_stats: bool = True):
+  """(state, batch) -> (state, metrics). with_stats=False leaves the sown statistics (MoA gate means and
+  spreads, MoE loads) out of the metrics, so XLA computes none of them: the step for steps that are not
+  logged (the sown auxiliary losses still count). With microbatches = M > 1 the batch (B, T) runs as M microbatches
   of B/M sequences in a jax.lax.scan, gradients summed in fp32: loss, gradients and the logged
   intermediates are the means over microbatches, equal to the unsplit step's (tests/test_accum.py)
   except the MoE balance loss, which is computed per microbatch. Microbatch j holds rows j, M + j, ...,
@@ -123,19 +125,21 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation, lr_schedul
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": total, **losses, "lr": lr_schedule(state.step), "grad_norm": optax.tree.norm(grads),
-               "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates),
-               "intermediates": inter}
+               "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates)}
+    if with_stats:
+      metrics["intermediates"] = inter
     return TrainState(state.step + 1, params, opt_state), metrics
 
   return train_step
 
 
-def jit_train_step(run: Run):
-  """The sharded, donating jit of train_step that both training and --compile_only use."""
+def jit_train_step(run: Run, with_stats: bool = True):
+  """The sharded, donating jit of train_step that both training and --compile_only use; with_stats: as in
+  make_train_step (training compiles both: the statistics only at log steps)."""
   aux_weights = {k: float(v) for k, v in run.config.get("loss_weights", {}).items()}
   c = run.config.train
   return jax.jit(make_train_step(run.model, run.tx, run.lr_schedule, aux_weights, c.get("microbatches", 1),
-                                 c.get("loss_chunk", 0), run.state_shardings.params),
+                                 c.get("loss_chunk", 0), run.state_shardings.params, with_stats),
                  in_shardings=(run.state_shardings, run.batch_sharding),
                  out_shardings=(run.state_shardings, None), donate_argnums=0)
 
@@ -329,7 +333,7 @@ def _train(config, workdir: str, run: Run, main_process: bool) -> dict:
   names = run.model.spec.ffn.activations
   guard = runtime.PreemptionGuard()
   with sharding.mesh_context(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    step_fn = jit_train_step(run)
+    step_fns = {due: jit_train_step(run, with_stats=due) for due in (False, True)}  # statistics at log steps
     eval_fn = jax.jit(make_eval_step(run.model, c.get("loss_chunk", 0)),
                       in_shardings=(run.state_shardings.params, run.batch_sharding))
     writer = MetricsWriter(workdir, c.steps, start, main_process, config)
@@ -346,13 +350,13 @@ def _train(config, workdir: str, run: Run, main_process: bool) -> dict:
         with profiler.step(step):
           with timer.data():
             batch = global_batch(run, next(data_iter))
-          state, metrics = timer.step(step_fn, state, batch, timed=step > start + 1 and (
-              step % c.log_every == 0 or step == c.steps))
+          log_due = step % c.log_every == 0 or step == c.steps
+          state, metrics = timer.step(step_fns[log_due], state, batch, timed=step > start + 1 and log_due)
         profiler.after(step, metrics)
         window.append(metrics)
         if step == start + 1:  # exclude compilation from the throughput
           jax.block_until_ready(metrics["loss"])
-          estimate = profiling.compiled_memory(step_fn.lower(state, batch).compile())["total"] / profiling.GIB
+          estimate = profiling.compiled_memory(step_fns[True].lower(state, batch).compile())["total"] / profiling.GIB
           timer.restart()
           t_step = step
         preempted = guard.stop_requested(step)
@@ -360,7 +364,7 @@ def _train(config, workdir: str, run: Run, main_process: bool) -> dict:
         save_now = ckpt.due(step) or step == c.steps or preempted
         if not (log_now or save_now):
           continue
-        last_intermediates = jax.device_get(window[-1]["intermediates"])
+        last_intermediates = jax.device_get(window[-1].get("intermediates", {}))  # none if preempted off cadence
         fetched = jax.device_get([{k: v for k, v in m.items() if k != "intermediates"} for m in window])
         window = []
         for i, m in enumerate(fetched):  # the save rule: moa_jax/health.py
