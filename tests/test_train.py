@@ -9,6 +9,7 @@ import time
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 
 from moa_jax import metrics, rundir, sharding, train
 
@@ -77,6 +78,7 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(debug_config, tmp
   assert b == a  # loss for loss, and no duplicated or lost records
 
 
+@pytest.mark.slow  # two compiles of the debug step; every training test above runs both variants in the loop
 def test_steps_off_the_log_cadence_compute_no_gate_statistics(debug_config):
   """The loop's step for steps it does not log leaves the sown statistics out, so XLA drops their
   reductions; the state it returns is the log step's."""
