@@ -45,7 +45,7 @@ class Window:
 
   def flush(self, step: int) -> tuple[list[dict], Any]:
     """Fetches the window (scalars of every step, intermediates of the last) and checks each step."""
-    last_intermediates = jax.device_get(self._metrics[-1]["intermediates"])
+    last_intermediates = jax.device_get(self._metrics[-1].get("intermediates", {}))  # none off the log cadence
     fetched = jax.device_get([{k: v for k, v in m.items() if k != "intermediates"} for m in self._metrics])
     self._metrics = []
     for i, m in enumerate(fetched):
@@ -114,8 +114,8 @@ class Logger:
     return every(self.c.log_every, step, self.c.steps)
 
   def first_step(self, step: int, step_fn, state, batch, metrics) -> None:
-    """After the first step: its compile left out of the throughput, XLA's memory estimate kept for the
-    first record (as --compile_only prints it)."""
+    """After the first step: its compile left out of the throughput, XLA's memory estimate of the step it
+    ran kept for the first record (--compile_only prints the logging step's, which adds only scalars)."""
     jax.block_until_ready(metrics["loss"])
     compiled = step_fn.lower(state, batch).compile()
     self.estimate = profiling.compiled_memory(compiled)["total"] / profiling.GIB

@@ -78,8 +78,10 @@ def _whole_batch_intermediates(stacked):
 
 
 def make_train_step(model: Decoder, tx: optax.GradientTransformation, lr_schedule, aux_weights: dict,
-                    microbatches: int = 1, loss_chunk: int = 0, param_shardings=None):
-  """(state, batch) -> (state, metrics). With microbatches = M > 1 the batch (B, T) runs as M microbatches
+                    microbatches: int = 1, loss_chunk: int = 0, param_shardings=None, with_stats: bool = True):
+  """(state, batch) -> (state, metrics). with_stats=False leaves the sown statistics (MoA gate means and
+  spreads, MoE loads) out of the metrics, so XLA computes none of them: the step for steps that are not
+  logged (the sown auxiliary losses still count). With microbatches = M > 1 the batch (B, T) runs as M microbatches
   of B/M sequences in a jax.lax.scan, gradients summed in fp32: loss, gradients and the logged
   intermediates are the means over microbatches, equal to the unsplit step's (tests/test_accum.py)
   except the MoE balance loss, which is computed per microbatch. Microbatch j holds rows j, M + j, ...,
@@ -118,19 +120,21 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation, lr_schedul
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": total, **losses, "lr": lr_schedule(state.step), "grad_norm": optax.tree.norm(grads),
-               "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates),
-               "intermediates": inter}
+               "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates)}
+    if with_stats:
+      metrics["intermediates"] = inter
     return TrainState(state.step + 1, params, opt_state), metrics
 
   return train_step
 
 
-def jit_train_step(run: Run):
-  """The sharded, donating jit of train_step that both training and --compile_only use."""
+def jit_train_step(run: Run, with_stats: bool = True):
+  """The sharded, donating jit of train_step that both training and --compile_only use; with_stats: as in
+  make_train_step (training compiles both: the statistics only at log steps)."""
   aux_weights = {k: float(v) for k, v in run.config.get("loss_weights", {}).items()}
   c = run.config.train
   return jax.jit(make_train_step(run.model, run.tx, run.lr_schedule, aux_weights, c.get("microbatches", 1),
-                                 c.get("loss_chunk", 0), run.state_shardings.params),
+                                 c.get("loss_chunk", 0), run.state_shardings.params, with_stats),
                  in_shardings=(run.state_shardings, run.batch_sharding),
                  out_shardings=(run.state_shardings, None), donate_argnums=0)
 
@@ -298,7 +302,7 @@ def _train(config, workdir: str, run: Run, main_process: bool) -> dict:
     (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
   guard = runtime.PreemptionGuard()
   with sharding.mesh_context(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
-    step_fn = jit_train_step(run)
+    step_fns = {due: jit_train_step(run, with_stats=due) for due in (False, True)}  # statistics at log steps
     eval_fn = jax.jit(make_eval_step(run.model, c.get("loss_chunk", 0)),
                       in_shardings=(run.state_shardings.params, run.batch_sharding))
     writer = MetricsWriter(workdir, c.steps, start, main_process, config)
@@ -320,6 +324,7 @@ def _train(config, workdir: str, run: Run, main_process: bool) -> dict:
         with profiler.step(step):
           with timer.data():
             batch = global_batch(run, next(data_iter))
+          step_fn = step_fns[log.due(step)]  # the gate and MoE statistics only where they are logged
           state, metrics = timer.step(step_fn, state, batch, timed=step > start + 1 and log.due(step))
         profiler.after(step, metrics)
         window.add(metrics)

@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import pytest
 
 from moa_jax import presets
@@ -30,3 +31,12 @@ def debug_config(data_cache):
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_logs():
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _compilation_cache(tmp_path_factory):
+  """One persistent XLA compilation cache for the session's own process: many cases compile the same
+  debug-model programs, and a cached executable is the one XLA would build again. Subprocesses keep their
+  own settings (the study CLI's cache is under test)."""
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

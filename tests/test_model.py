@@ -68,11 +68,12 @@ def test_decoder_shapes_dtypes_and_causality(ffn, tie):
 def test_remat_policies_agree():
   c = presets.lm_config("debug", "bimoa").model
   tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, c.vocab_size)
-  grads = {}
+  grads, params = {}, None
   for policy in ("none", "full", "save_dots_no_batch"):
     c.remat = policy
     model = Decoder(model_spec(c))
-    params = meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens))
+    if params is None:  # remat changes no parameter: one init (one compile) serves every policy
+      params = meta.unbox(jax.jit(model.init)(jax.random.key(1), tokens))
     grads[policy] = jax.jit(jax.grad(lambda p: model.apply(p, tokens).mean()))(params)
   for policy in ("full", "save_dots_no_batch"):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads["none"], grads[policy])

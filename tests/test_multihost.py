@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from moa_jax import rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +53,7 @@ def _run_two_processes(workdir, cache):
   return outs
 
 
+@pytest.mark.slow  # three train runs (~350 s on 2 busy cores); test_sigterm_on_one_host_stops_both_at_the_same_step keeps a 2-process run in the default set
 def test_two_processes_match_one_process_and_resume_together(tmp_path, data_cache):
   one = str(tmp_path / "one")
   out = subprocess.run(_train(one, data_cache), cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
@@ -71,6 +74,7 @@ def test_two_processes_match_one_process_and_resume_together(tmp_path, data_cach
     assert abs(resumed[step] - b[step]) <= 1e-5 * b[step], (step, resumed[step], b[step])
 
 
+@pytest.mark.slow  # ~130 s on 2 busy cores; test_faults covers the unreadable checkpoint in process
 def test_sigterm_saves_and_exits_zero_then_an_unreadable_checkpoint_is_skipped(tmp_path, data_cache):
   workdir = str(tmp_path / "run")
   ckpts = os.path.join(workdir, "checkpoints")

@@ -11,6 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "experiments", "colab_quickstart.ipynb")
 
 
+@pytest.mark.slow  # a Jupyter kernel training the debug model (~160 s on 2 busy cores)
 def test_colab_quickstart_executes(data_cache, tmp_path, monkeypatch):
   monkeypatch.setenv("MOA_QUICKSTART_SIZE", "debug")
   monkeypatch.setenv("MOA_QUICKSTART_STEPS", "8")

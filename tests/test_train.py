@@ -6,9 +6,12 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
+import jax
 import numpy as np
+import pytest
 
-from moa_jax import rundir, train
+from moa_jax import metrics, rundir, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,3 +76,29 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(debug_config, tmp
   a = [(r["step"], r["loss"]) for r in records(full)]
   b = [(r["step"], r["loss"]) for r in records(killed)]
   assert b == a  # loss for loss, and no duplicated or lost records
+
+
+@pytest.mark.slow  # two compiles of the debug step; every training test above runs both variants in the loop
+def test_steps_off_the_log_cadence_compute_no_gate_statistics(debug_config):
+  """The loop's step for steps it does not log leaves the sown statistics out, so XLA drops their
+  reductions; the state it returns is the log step's."""
+  run = train.build(debug_config, with_data=False)
+  c = debug_config.train
+  tokens = jax.random.randint(jax.random.key(0), (c.batch_size, c.seq_len + 1), 0, debug_config.model.vocab_size)
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}  # (B, T)
+  out, reductions = {}, {}
+  with sharding.mesh_context(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
+    for due in (False, True):
+      state = train.init_state(run)
+      step = train.jit_train_step(run, with_stats=due).lower(state, batch).compile()
+      reductions[due] = step.as_text().count(" reduce(")
+      out[due] = jax.device_get(step(state, batch))
+  (plain_state, plain), (log_state, logged) = out[False], out[True]
+  assert "intermediates" not in plain and reductions[False] < reductions[True]
+  assert set(metrics.mix_record(logged["intermediates"], debug_config.model.ffn.activations, "mix_std")) == {
+      "ffn.mix", "ffn.mix_u"}
+  assert set(plain) == set(logged) - {"intermediates"}
+  for k in plain:
+    np.testing.assert_allclose(plain[k], logged[k], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(plain_state), jax.tree.leaves(log_state), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
