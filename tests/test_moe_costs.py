@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -33,8 +34,7 @@ def _worker(out: str) -> None:
     train.compile_train_step(train.build(c, with_data=False))
     dump = os.path.join(out, "dump")
     results[name] = _gathered(dump)
-    for f in glob.glob(os.path.join(dump, "*")):
-      os.remove(f)
+    shutil.rmtree(dump)                 # XLA writes the next compile's dump afresh
   with open(os.path.join(out, "bytes.json"), "w") as f:
     json.dump(results, f)
 

@@ -57,8 +57,8 @@ def _megablox(x: Array, w: Array, sizes: Array, out_dtype=None, interpret: bool 
   n = w.shape[-1]
   tm = min(128, -(-m // 8) * 8)
   xp = jnp.pad(x, ((0, -m % tm), (0, 0)))               # the kernel needs m divisible by its tile
-  wp = jnp.pad(w, ((0, 0), (0, 0), (0, -n % 128))) if n % 128 else w   # and n (gate logits: G·K) by 128
-  tiling = (tm, min(128, k), 128 if n % 128 else min(128, n))
+  wp = jnp.pad(w, ((0, 0), (0, 0), (0, 128 - n))) if n < 128 else w   # narrow n (gate logits: G·K) to one tile
+  tiling = (tm, min(128, k), 128)
   out = megablox.gmm(xp, wp, sizes.astype(jnp.int32), out_dtype or x.dtype, tiling, None, None, False, interpret)
   return out[:m, :n]
 
