@@ -50,6 +50,7 @@ def test_fsdp_gathers_move_expert_weights_in_bf16_half_the_bytes(tmp_path):
                         timeout=1800)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
   got = json.load(open(tmp_path / "bytes.json"))
+  print("expert-weight all-gather bytes:", got)
   assert got["before"]["f32"] > 0 and got["before"]["bf16"] == 0, got   # fp32 gathers at the shard_map boundary
   assert got["after"]["f32"] == 0 and got["after"]["bf16"] * 2 == got["before"]["f32"], got
 

@@ -90,20 +90,30 @@ def branches(spec: FFNSpec) -> tuple[str, ...]:
   return () if spec.mix == "fixed" else (("mix", "mix_u") if spec.bi_sided else ("mix",))
 
 
+# Gate logits as a grouped matmul once E·G·K columns against every expert's kernel cost more than one tile
+# of a grouped kernel (megablox pads G·K to 128 columns); below that, the plain matmul is cheaper.
+GROUPED_GATE_COLUMNS = 128
+
+
 def _row_coefs(rows: Array, ids: Array, sizes: Array, p: dict, spec: FFNSpec, impl: str) -> dict:
   """Each row's mixing coefficients (M, G, K) fp32 under its expert's LA coefficients or MoA gates. MoA
-  gate logits are a grouped matmul of the rows with their own expert's gate kernel (N = G·K columns, fp32
-  out): each row costs 2·D·G·K FLOPs, not E times that against every expert's kernel."""
+  gate logits, with many experts: a grouped matmul of the rows with their own expert's gate kernel (G·K
+  columns, fp32 out), 2·D·G·K FLOPs a row; with few (E·G·K < GROUPED_GATE_COLUMNS): one plain matmul
+  against every expert's kernel, then each row's own expert is picked."""
   coefs = {}
   for b in branches(spec):
     if spec.mix == "la":
       coefs[b] = p[b]["coef"][ids]                                              # (M, G, K)
       continue
-    kernel = p[b]["gate_kernel"]                                                # (E, D, G, K)
+    kernel = p[b]["gate_kernel"].astype(rows.dtype)                             # (E, D, G, K)
     e, d, g, k = kernel.shape
-    logits = gmm(rows, kernel.astype(rows.dtype).reshape(e, d, g * k), sizes, impl, jnp.float32)
+    if e * g * k >= GROUPED_GATE_COLUMNS:
+      logits = gmm(rows, kernel.reshape(e, d, g * k), sizes, impl, jnp.float32).reshape(-1, g, k)
+    else:
+      logits = jnp.einsum("MD,EDGK->MEGK", rows, kernel, preferred_element_type=jnp.float32)
+      logits = jnp.take_along_axis(logits, ids[:, None, None, None], axis=1)[:, 0]  # (M, G, K)
     bias = p[b]["gate_bias"][ids] if "gate_bias" in p[b] else None
-    coefs[b] = ffn_lib.gates(spec, logits.reshape(-1, g, k), bias)
+    coefs[b] = ffn_lib.gates(spec, logits, bias)
   return coefs
 
 
