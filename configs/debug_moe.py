@@ -8,7 +8,8 @@ Run:
   python -m moa_jax.summary --config=configs/debug_moe.py
 Expect: 0.66M parameters, 0.21M active per token; lm_loss falls from ~6.2 (ln 512) to ~4.4 in 200
 steps (a minute or two on 2 CPU cores); metrics.jsonl also has aux_loss (the mean over MoE layers:
-≈ 1 when balanced), z_loss, expert_load_max/min per layer (0.125 when balanced)
+≈ 1 when balanced), seq_aux_loss (the same per sequence), z_loss, expert_load_max/min per layer (0.125 when
+balanced), with expert parallelism ep_overflow_* (0: never drops by default)
 and the experts' mean gates ("moe.mix", "moe.mix_u"). The capacity path
 (--config.model.moe.path=capacity) adds dropped_fraction.
 """

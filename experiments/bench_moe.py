@@ -3,6 +3,8 @@
     python experiments/bench_moe.py                     # GPU / TPU: timed, 8 experts top-2, bi-MoA/MoA/SwiGLU
     python experiments/bench_moe.py --static            # no device: FLOPs and memory from compiled/exported HLO
     python experiments/bench_moe.py --tokens=512 --d_model=64 --d_ff_expert=128 --iters=3   # CPU smoke test
+    python experiments/bench_moe.py --exchange          # every local device on mesh axis `expert`: the
+                                                        # all-to-all exchange alone, ragged vs padded
 
 One device, no mesh: N tokens, all E experts local (under balanced expert parallelism each device runs
 the same N·k rows). Dense rows run one FFN of width k·F on every token: the matmul FLOPs of the routed
@@ -67,13 +69,39 @@ def layers(args, gmms):
 
 
 def step_fn(module):
-  """Forward + backward: gradients for every parameter and for the input."""
+  """Forward + backward: the output, the sown statistics (the losses a train step adds) and the gradients
+  for every parameter and the input. Everything computed is returned, so jit deletes nothing that a
+  training step would keep (`dead_matmuls` checks)."""
   def step(params, x, dy):
     def f(p, x):
-      return module.apply({"params": p}, x, mutable=["intermediates"])[0]
-    _, vjp = jax.vjp(f, params, x)
-    return vjp(dy)
+      return module.apply({"params": p}, x, mutable=["intermediates"])
+    y, vjp, inter = jax.vjp(f, params, x, has_aux=True)
+    return y, inter, vjp(dy)
   return jax.jit(step)
+
+
+_MATMULS = ("dot_general", "ragged_dot_general")
+
+
+def _matmuls(jaxpr) -> int:
+  """dot_general / ragged_dot_general equations in a jaxpr, through its sub-jaxprs (jit, custom_vjp, ...)."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name in _MATMULS
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)
+        n += _matmuls(sub) if hasattr(sub, "eqns") else 0
+  return n
+
+
+def dead_matmuls(step, *args) -> int:
+  """Matmuls in `step`'s jaxpr whose results reach no output: what jit would delete before compiling
+  (a benchmark that returns too little measures less than the training step does)."""
+  from jax.interpreters import partial_eval as pe
+  jaxpr = jax.make_jaxpr(step)(*args).jaxpr
+  live, _ = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+  return _matmuls(jaxpr) - _matmuls(live)
 
 
 # ---- Static analysis of an exported StableHLO module -------------------------------------------------
@@ -208,6 +236,52 @@ def run_timed(args):
   return result
 
 
+def run_exchange(args):
+  """The expert-parallel exchange alone (model.moe.transport), forward + backward, on every local device
+  as mesh axis `expert`: --tokens per device, uniform random top-k routing, experts replaced by the
+  identity, so the time is the all-gathers of counts, the sort and the two all-to-alls each way."""
+  from jax.sharding import PartitionSpec as P
+  from moa_jax.moe.exchange import exchange
+  shards, n, d, e, k = jax.device_count(), args.tokens, args.d_model, args.num_experts, args.top_k
+  mesh = jax.make_mesh((shards,), ("expert",))
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], (shards * n, d)).astype(args.dtype)
+  weights, chosen = jax.lax.top_k(jax.random.uniform(keys[1], (shards * n, e)), k)
+  flat, weights = chosen.reshape(-1).astype(jnp.int32), weights.reshape(-1)
+  dy = jax.random.normal(keys[2], (shards * n * k, d)).astype(args.dtype)
+  x, flat, weights, dy = jax.device_put((x, flat, weights, dy), jax.sharding.NamedSharding(mesh, P("expert")))
+  print(f"device: {jax.devices()[0].device_kind} x {shards}, jax {jax.__version__}; {n} tokens/device, d={d}, "
+        f"E={e}, top_k={k}, buffer_factor={args.buffer_factor}, {args.dtype}, median of {args.iters}", flush=True)
+  rows = []
+  for transport in args.transports:
+    def local(x, flat, weights):
+      out, _, _, dropped = exchange(x, flat, weights, k, e, lambda recv, ids: (recv, {}), axis="expert",
+                                    shards=shards, buffer_factor=args.buffer_factor, transport=transport)
+      return out, jnp.sum(dropped)[None]
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(P("expert"),) * 3, out_specs=(P("expert"), P("expert")),
+                       check_vma=False)
+
+    def step(x, flat, weights, dy):
+      (y, dropped), vjp = jax.vjp(lambda x: fn(x, flat, weights), x)
+      return y, dropped, vjp((dy, jnp.zeros_like(dropped)))
+    step = jax.jit(step)
+    row = {"transport": transport}
+    try:
+      ms = median_ms(step, (x, flat, weights, dy), args.iters, args.warmup)
+      moved = 4 * n * k * d * jnp.dtype(args.dtype).itemsize        # rows out and back, forward and backward
+      row.update(ms=ms, gb_s=moved / ms / 1e6, dropped=int(step(x, flat, weights, dy)[1].sum()))
+    except Exception as err:
+      row["error"] = f"{type(err).__name__}: {err}"[:2000]
+    rows.append(row)
+    print(f"  {row}", flush=True)
+  print("\n| transport | ms (fwd+bwd) | GB/s per device (kept rows) | dropped |")
+  print("|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['transport']} | {fmt(r.get('ms'))} | {fmt(r.get('gb_s'), '.1f')} | {r.get('dropped', '—')} |")
+  return {"mode": "exchange", "device": jax.devices()[0].device_kind, "jax": jax.__version__, **vars(args),
+          "rows": rows}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--tokens", type=int, default=8192)
@@ -224,14 +298,18 @@ def main():
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--static", action="store_true", help="no device: FLOPs from compiled / exported HLO")
+  parser.add_argument("--exchange", action="store_true", help="time the expert-parallel exchange alone")
+  parser.add_argument("--transports", default="ragged,padded", help="--exchange: model.moe.transport values")
+  parser.add_argument("--buffer_factor", type=float, default=-1.0, help="--exchange: model.moe.buffer_factor")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   args.experts = [e for e in args.experts.split(",") if e]
   args.paths = [p for p in args.paths.split(",") if p]
   args.gmms = [g for g in args.gmms.split(",") if g]
-  name = "bench_moe_static.json" if args.static else "bench_moe.json"
+  args.transports = [t for t in args.transports.split(",") if t]
+  name = "bench_moe_static.json" if args.static else "bench_moe_exchange.json" if args.exchange else "bench_moe.json"
   out = args.out or os.path.join(os.environ.get("OUT", "."), name)
-  result = run_static(args, out) if args.static else run_timed(args)
+  result = run_static(args, out) if args.static else run_exchange(args) if args.exchange else run_timed(args)
   with open(out, "w") as fh:
     json.dump(result, fh, indent=1)
   print(f"\nwrote {out}")

@@ -8,8 +8,9 @@ the actions that are due.
   Saver    a checkpoint every checkpoint.every steps, at the last step and at a preemption, when the
            window is fit to save.
   Logger   a metrics.jsonl record every train.log_every steps and at the last: loss and norms averaged
-           over the window, tokens/s and MFU, the step-time breakdown, memory, MoA gates, MoE load,
-           and the evaluation when train.eval_every is due; then the progress line.
+           over the window, tokens/s and MFU, the step-time breakdown, memory, MoA gates, MoE load and
+           drops (a warning line above 1%), and the evaluation when train.eval_every is due; then the
+           progress line.
   Sampler  a text sample every train.sample_every steps.
 """
 
@@ -26,6 +27,7 @@ from moa_jax.errors import Diverged
 from moa_jax.generate import continue_text
 from moa_jax.health import Health
 from moa_jax.metrics import mix_record, moe_record, peak_flops
+from moa_jax.moe import step as moe_step
 
 
 def every(n: int, step: int, last: int) -> bool:
@@ -135,6 +137,9 @@ class Logger:
       if gates:
         record[key] = gates
     record.update(moe_record(intermediates))
+    warning = moe_step.overflow_warning(record)
+    if warning:
+      self.writer.print(warning)
     if self.c.eval_every and step % self.c.eval_every == 0 or step == self.c.steps:
       record.update(self.evaluate(params))
     self.writer.write(record)

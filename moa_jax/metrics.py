@@ -42,20 +42,27 @@ def mix_record(intermediates, names: tuple[str, ...], sown: str = "mix_mean") ->
 def moe_record(intermediates) -> dict:
   """Sown `moe_stats` -> expert_load_max / expert_load_min (fraction of assignments, one entry per MoE
   layer), dropped_fraction (capacity path) and ep_overflow_fraction (assignments dropped by full
-  expert-parallel receive buffers), each a mean over MoE layers. {} for a dense model."""
-  loads, fractions = [], {"dropped": [], "ep_overflow": []}
+  expert-parallel receive buffers), each a mean over MoE layers; ep_overflow_layer (one per MoE layer)
+  and ep_overflow_expert (per layer, per expert: the fraction of that expert's assignments dropped).
+  {} for a dense model."""
+  loads, fractions, per_expert = [], {"dropped": [], "ep_overflow": []}, []
   for path, value in jax.tree_util.tree_leaves_with_path(intermediates):
     keys = [str(getattr(k, "key", "")) for k in path]
     if "moe_stats" in keys and keys[-1] == "load":
       loads.append(np.asarray(value).reshape(-1, np.shape(value)[-1]))  # (MoE layers, E)
     elif "moe_stats" in keys and keys[-1] in fractions:
       fractions[keys[-1]].append(np.asarray(value).reshape(-1))
+    elif "moe_stats" in keys and keys[-1] == "ep_overflow_expert":
+      per_expert.append(np.asarray(value).reshape(-1, np.shape(value)[-1]))
   if not loads:
     return {}
   load = np.concatenate(loads)
   out = {"expert_load_max": [round(float(v), 5) for v in load.max(axis=1)],
          "expert_load_min": [round(float(v), 5) for v in load.min(axis=1)]}
   out.update({f"{k}_fraction": float(np.mean(np.concatenate(v))) for k, v in fractions.items() if v})
+  if per_expert:
+    out["ep_overflow_layer"] = [round(float(v), 5) for v in np.concatenate(fractions["ep_overflow"])]
+    out["ep_overflow_expert"] = [[round(float(v), 5) for v in row] for row in np.concatenate(per_expert)]
   return out
 
 

@@ -113,7 +113,12 @@ def moe_config(num_experts: int = 0, top_k: int = 2) -> ml_collections.ConfigDic
       path="dropless",                           # dropless (grouped matmuls) | capacity (fixed (E, C, D) buffers)
       capacity_factor=1.25,                      # capacity path: slots per expert = ⌈factor·tokens·top_k/E⌉
       gmm="auto",                                # grouped matmul: auto | tokamax | megablox | ragged_dot
-      buffer_factor=1.25,                        # expert parallelism: receive rows per device pair / balanced
+      buffer_factor=-1.0,                        # expert parallelism: rows a device may receive / balanced
+                                                 # (< 0: the worst case, never drops; > 0: a cap, drops by
+                                                 # fair share per expert, then priority)
+      bias_rate=0.0,                             # loss-free balancing: router bias step γ (0: off; DeepSeek-V3 0.001)
+      routed_scale=1.0,                          # routed experts' output scale before the shared experts' is added
+      transport="auto",                          # exchange: auto (padded on CPU, ragged elsewhere) | ragged | padded
   ))
 
 
@@ -145,6 +150,7 @@ def lm_config(size: str = "debug", ffn: str = "swiglu") -> ml_collections.Config
   c.model.moe = moe_config(*row[8:])
   c.loss_weights = ml_collections.ConfigDict(dict(
       aux_loss=0.01,                             # MoE load-balancing loss weight (loss: mean over MoE layers)
+      seq_aux_loss=0.0,                          # the same loss per sequence (DeepSeek-V3's; 0: logged only)
       z_loss=0.001,                              # MoE router z-loss weight (loss: mean over MoE layers)
   ))
   c.data = default_data_config()

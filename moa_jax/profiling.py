@@ -180,3 +180,24 @@ def collective_counts(hlo: str) -> dict:
   """How many of each collective an optimized HLO text holds (async pairs counted once, by their start)."""
   ops = re.findall(r" (" + "|".join(COLLECTIVES) + r")(?:-start)?\(", hlo)
   return {op: ops.count(op) for op in COLLECTIVES}
+
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+                "f64": 8, "s64": 8, "u64": 8}
+_RESULT = re.compile(r"= \(?((?:\w+\[[\d,]*\](?:\{[^}]*\})?(?:, )?)+)\)? (" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+
+
+def collective_bytes(hlo: str, dtypes: tuple[str, ...] | None = None) -> dict:
+  """Bytes each kind of collective produces in an HLO text, summed over its instructions (a loop body's
+  counted once), optionally only results of `dtypes` (e.g. ("f32", "bf16")). An async start's result
+  tuple counts its last element (the output). Read it from HLO after SPMD partitioning to see what an
+  accelerator would move: XLA:CPU later promotes bf16 collectives to f32 (its compiled HLO says f32)."""
+  out = dict.fromkeys(COLLECTIVES, 0)
+  for match in _RESULT.finditer(hlo):
+    dtype, dims = re.findall(r"(\w+)\[([\d,]*)\]", match.group(1))[-1]
+    if dtypes is None or dtype in dtypes:
+      size = 1
+      for d in filter(None, dims.split(",")):
+        size *= int(d)
+      out[match.group(2)] += size * _DTYPE_BYTES.get(dtype, 4)
+  return out

@@ -33,7 +33,8 @@ from moa_jax.health import Health
 from moa_jax.loss import cross_entropy
 from moa_jax.data import epochs, make_datasets
 from moa_jax.metrics import MetricsWriter
-from moa_jax.transformer import Decoder, model_spec
+from moa_jax.moe import step as moe_step
+from moa_jax.transformer import Decoder, cast_matrices, model_spec
 
 
 @flax.struct.dataclass
@@ -88,8 +89,8 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation, lr_schedul
   so each device keeps its own rows when B is a multiple of M × the batch axes; param_shardings (the
   params' NamedShardings) lay out the gradient sums like the parameters."""
   def loss_fn(params, batch):
-    (hidden, unembed), inter = model.apply({"params": params}, batch["inputs"], return_hidden=True,
-                                           mutable=["intermediates"])
+    (hidden, unembed), inter = model.apply({"params": cast_matrices(params, model.spec)}, batch["inputs"],
+                                           return_hidden=True, mutable=["intermediates"])
     lm_loss = loss.chunked_token_losses(hidden, unembed, batch["targets"], loss_chunk).mean()
     losses = {"lm_loss": lm_loss, **sown_losses(inter)}
     total = losses["lm_loss"] + sum(aux_weights.get(k, 0.0) * v for k, v in losses.items() if k != "lm_loss")
@@ -118,9 +119,11 @@ def make_train_step(model: Decoder, tx: optax.GradientTransformation, lr_schedul
   def train_step(state: TrainState, batch):
     (total, (losses, inter)), grads = accumulated_grads(state.params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = moe_step.update_router_bias(model.spec.moe, state.params, optax.apply_updates(state.params, updates),
+                                         inter)
     metrics = {"loss": total, **losses, "lr": lr_schedule(state.step), "grad_norm": optax.tree.norm(grads),
-               "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates)}
+               "param_norm": optax.tree.norm(params), "update_norm": optax.tree.norm(updates),
+               **moe_step.step_outputs(inter)}
     if with_stats:
       metrics["intermediates"] = inter
     return TrainState(state.step + 1, params, opt_state), metrics
@@ -144,7 +147,7 @@ def make_eval_step(model: Decoder, loss_chunk: int = 0):
   per-sequence losses (for the standard error over sequences; scalars, so every process can read them).
   loss_chunk: as train.loss_chunk, the logits are built that many positions at a time."""
   def eval_step(params, batch):
-    hidden, unembed = model.apply({"params": params}, batch["inputs"], return_hidden=True)
+    hidden, unembed = model.apply({"params": cast_matrices(params, model.spec)}, batch["inputs"], return_hidden=True)
     per_sequence = loss.chunked_token_losses(hidden, unembed, batch["targets"], loss_chunk).mean(axis=-1)  # (B,)
     return {"loss": per_sequence.mean(), "loss_sq": jnp.square(per_sequence).mean()}
   return eval_step

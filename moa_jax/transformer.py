@@ -136,6 +136,19 @@ class BlockGroup(nn.Module):
     return x, None
 
 
+# Weights every layer casts to the compute dtype before its matmuls: cast_matrices casts them once, before
+# the model runs, so an FSDP all-gather moves them in the compute dtype (half of fp32's bytes in bf16); the
+# same numbers reach the matmuls, and the gradients flow back through the cast to the fp32 parameters.
+COMPUTE_CAST = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "gate_kernel")
+
+
+def cast_matrices(params, spec: "ModelSpec"):
+  """params with every COMPUTE_CAST leaf in the compute dtype (spec.dtype); the rest untouched."""
+  dtype = DTYPES[spec.dtype]
+  name = lambda path: str(getattr(path[-1], "key", ""))
+  return jax.tree_util.tree_map_with_path(lambda p, v: v.astype(dtype) if name(p) in COMPUTE_CAST else v, params)
+
+
 class Decoder(nn.Module):
   """tokens (B, T) int32 -> logits (B, T, V) float32, or with return_hidden=True the final normed
   hidden states (B, T, D) in compute dtype and the unembedding (D, V) in param dtype."""

@@ -60,9 +60,14 @@ def assert_tree_close(a, b, rtol=2e-4, atol=2e-5):
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=rtol, atol=atol), a, b)
 
 
-@pytest.mark.parametrize("variant,router,shared", [
-    ("swiglu", "softmax", 0), ("moa_mlp", "sigmoid", 0), ("bimoa", "softmax", 1), ("la", "sigmoid", 0)])
-def test_dropless_output_and_gradients_equal_the_dense_reference(variant, router, shared):
+@pytest.mark.parametrize("variant,router,shared,grouped_gates", [
+    ("swiglu", "softmax", 0, False), ("moa_mlp", "sigmoid", 0, False), ("bimoa", "softmax", 1, False),
+    ("la", "sigmoid", 0, False), ("bimoa", "sigmoid", 0, True)])
+def test_dropless_output_and_gradients_equal_the_dense_reference(variant, router, shared, grouped_gates,
+                                                                  monkeypatch):
+  """grouped_gates: MoA gate logits as a grouped matmul of the routed rows (what many experts use)."""
+  from moa_jax.moe import grouped
+  monkeypatch.setattr(grouped, "GROUPED_GATE_COLUMNS", 0 if grouped_gates else 10**9)
   layer = make(variant, experts=4, top_k=2, router=router, shared_experts=shared)
   x = tokens()
   params = init(layer, x)
@@ -178,7 +183,8 @@ def assert_shape(a, b):
     ("router", "relu", r"model.moe.router = 'relu'; allowed: softmax, sigmoid"),
     ("path", "dense", r"model.moe.path = 'dense'; allowed: dropless, capacity"),
     ("gmm", "cuda", r"model.moe.gmm = 'cuda'; allowed: auto, tokamax, megablox, ragged_dot"),
-    ("buffer_factor", 0.0, r"model.moe.buffer_factor = 0.0; must be positive"),
+    ("buffer_factor", 0.0, r"model.moe.buffer_factor = 0.0; use a negative value \(never drop"),
+    ("transport", "nccl", r"model.moe.transport = 'nccl'; allowed: auto, ragged, padded"),
     ("every", 3, r"model.n_layers = 2 is not a multiple of model.moe.every = 3"),
     ("d_ff_expert", 100, r"model.ffn.groups = 3 must divide the expert width model.moe.d_ff_expert = 100"),
     ("colour", "red", r"model.moe has unknown fields \['colour'\]; known: num_experts, top_k"),

@@ -49,7 +49,7 @@ def resolve_gmm(name: str) -> str:
   return "ragged_dot"
 
 
-def _megablox(x: Array, w: Array, sizes: Array, interpret: bool = False) -> Array:
+def _megablox(x: Array, w: Array, sizes: Array, out_dtype=None, interpret: bool = False) -> Array:
   """Mosaic TPU kernel (custom VJP: gmm for the input gradient, tgmm for the weights'). interpret=True
   runs the kernel body on any backend (tests)."""
   from jax.experimental.pallas.ops.tpu import megablox
@@ -57,29 +57,32 @@ def _megablox(x: Array, w: Array, sizes: Array, interpret: bool = False) -> Arra
   n = w.shape[-1]
   tm = min(128, -(-m // 8) * 8)
   xp = jnp.pad(x, ((0, -m % tm), (0, 0)))               # the kernel needs m divisible by its tile
-  tiling = (tm, min(128, k), min(128, n))
-  return megablox.gmm(xp, w, sizes.astype(jnp.int32), x.dtype, tiling, None, None, False, interpret)[:m]
+  wp = jnp.pad(w, ((0, 0), (0, 0), (0, 128 - n))) if n < 128 else w   # narrow n (gate logits: G·K) to one tile
+  tiling = (tm, min(128, k), 128)
+  out = megablox.gmm(xp, wp, sizes.astype(jnp.int32), out_dtype or x.dtype, tiling, None, None, False, interpret)
+  return out[:m, :n]
 
 
-def _tokamax(x: Array, w: Array, sizes: Array) -> Array:
+def _tokamax(x: Array, w: Array, sizes: Array, out_dtype=None) -> Array:
   import tokamax
   if not flags.FLAGS.is_parsed():  # tokamax reads its absl flags, parsing sys.argv (a foreign CLI's) if unparsed
     flags.FLAGS.mark_as_parsed()
-  return tokamax.ragged_dot(x, w, sizes.astype(jnp.int32))
+  return tokamax.ragged_dot(x, w, sizes.astype(jnp.int32), preferred_element_type=out_dtype)
 
 
-def _ragged_dot(x: Array, w: Array, sizes: Array) -> Array:
-  return jax.lax.ragged_dot(x, w, sizes.astype(jnp.int32))
+def _ragged_dot(x: Array, w: Array, sizes: Array, out_dtype=None) -> Array:
+  return jax.lax.ragged_dot(x, w, sizes.astype(jnp.int32), preferred_element_type=out_dtype)
 
 
 GMM_FNS = {"tokamax": _tokamax, "megablox": _megablox, "ragged_dot": _ragged_dot}
 
 
-def gmm(x: Array, w: Array, sizes: Array, impl: str) -> Array:
-  """x (M, K) rows grouped by expert, w (G, K, N), sizes (G,) -> (M, N); rows past Σ sizes are zero, and
-  so are their input gradients (kernels leave those rows unwritten, forward and backward)."""
+def gmm(x: Array, w: Array, sizes: Array, impl: str, out_dtype=None) -> Array:
+  """x (M, K) rows grouped by expert, w (G, K, N), sizes (G,) -> (M, N) in out_dtype (default x's); rows
+  past Σ sizes are zero, and so are their input gradients (kernels leave those rows unwritten, forward and
+  backward)."""
   valid = (jnp.arange(x.shape[0]) < jnp.sum(sizes))[:, None]
-  out = GMM_FNS[resolve_gmm(impl)](jnp.where(valid, x, jnp.zeros((), x.dtype)), w, sizes)
+  out = GMM_FNS[resolve_gmm(impl)](jnp.where(valid, x, jnp.zeros((), x.dtype)), w, sizes, out_dtype)
   return jnp.where(valid, out, jnp.zeros((), out.dtype))
 
 
@@ -87,18 +90,28 @@ def branches(spec: FFNSpec) -> tuple[str, ...]:
   return () if spec.mix == "fixed" else (("mix", "mix_u") if spec.bi_sided else ("mix",))
 
 
-def _row_coefs(rows: Array, ids: Array, p: dict, spec: FFNSpec) -> dict:
+# Gate logits as a grouped matmul once E·G·K columns against every expert's kernel cost more than one tile
+# of a grouped kernel (megablox pads G·K to 128 columns); below that, the plain matmul is cheaper.
+GROUPED_GATE_COLUMNS = 128
+
+
+def _row_coefs(rows: Array, ids: Array, sizes: Array, p: dict, spec: FFNSpec, impl: str) -> dict:
   """Each row's mixing coefficients (M, G, K) fp32 under its expert's LA coefficients or MoA gates. MoA
-  gate logits are one plain matmul against every expert's gate kernel, then each row's own expert is
-  picked: E·G·K columns (tens) cost little next to a grouped matmul, and need no kernel of their own."""
+  gate logits, with many experts: a grouped matmul of the rows with their own expert's gate kernel (G·K
+  columns, fp32 out), 2·D·G·K FLOPs a row; with few (E·G·K < GROUPED_GATE_COLUMNS): one plain matmul
+  against every expert's kernel, then each row's own expert is picked."""
   coefs = {}
   for b in branches(spec):
     if spec.mix == "la":
       coefs[b] = p[b]["coef"][ids]                                              # (M, G, K)
       continue
-    kernel = p[b]["gate_kernel"]                                                # (E, D, G, K)
-    logits = jnp.einsum("MD,EDGK->MEGK", rows, kernel.astype(rows.dtype), preferred_element_type=jnp.float32)
-    logits = jnp.take_along_axis(logits, ids[:, None, None, None], axis=1)[:, 0]  # (M, G, K)
+    kernel = p[b]["gate_kernel"].astype(rows.dtype)                             # (E, D, G, K)
+    e, d, g, k = kernel.shape
+    if e * g * k >= GROUPED_GATE_COLUMNS:
+      logits = gmm(rows, kernel.reshape(e, d, g * k), sizes, impl, jnp.float32).reshape(-1, g, k)
+    else:
+      logits = jnp.einsum("MD,EDGK->MEGK", rows, kernel, preferred_element_type=jnp.float32)
+      logits = jnp.take_along_axis(logits, ids[:, None, None, None], axis=1)[:, 0]  # (M, G, K)
     bias = p[b]["gate_bias"][ids] if "gate_bias" in p[b] else None
     coefs[b] = ffn_lib.gates(spec, logits, bias)
   return coefs
@@ -113,7 +126,7 @@ def grouped_ffn(rows: Array, ids: Array, sizes: Array, p: dict, spec: FFNSpec, i
   dt = rows.dtype
   h = checkpoint_name(gmm(rows, p["w1"].astype(dt), sizes, impl), "moe_hidden")           # (M, F)
   u = checkpoint_name(gmm(rows, p["w2"].astype(dt), sizes, impl), "moe_hidden") if spec.type == "glu" else None
-  coefs = _row_coefs(rows, ids, p, spec)
+  coefs = _row_coefs(rows, ids, sizes, p, spec, impl)
   y = ffn_lib.mix_hidden(spec, h, u, coefs.get("mix"), coefs.get("mix_u"))
   out = gmm(y, p["w3"].astype(dt), sizes, impl)
   return out, coefs
@@ -137,7 +150,7 @@ def unsorted_ffn(rows: Array, ids: Array, n_groups: int, p: dict, spec: FFNSpec,
     rows = jax.lax.all_gather(rows, tensor_axis, tiled=True)               # (T·M, D)
     ids = jax.lax.all_gather(ids, tensor_axis, tiled=True)
   order = jnp.argsort(ids, stable=True)                                    # by expert, padding last
-  sizes = jnp.sum(jax.nn.one_hot(ids, n_groups, dtype=jnp.int32), axis=0)
+  sizes = jnp.bincount(ids, length=n_groups)                               # padding (n_groups) not counted
   out, coefs = grouped_ffn(rows[order], jnp.minimum(ids[order], n_groups - 1), sizes, p, spec, impl)
   back = inverse_permutation(order)
   out, coefs = out[back], {b: c[back] for b, c in coefs.items()}

@@ -77,8 +77,10 @@ class Experts(nn.Module):
     return p
 
 
-def transport() -> str:
-  """The expert-parallel exchange for the default backend: XLA:CPU has no ragged all-to-all."""
+def transport(name: str = "auto") -> str:
+  """model.moe.transport: `auto` is padded on CPU (XLA:CPU has no ragged all-to-all), ragged elsewhere."""
+  if name != "auto":
+    return name
   return "padded" if jax.default_backend() == "cpu" else "ragged"
 
 
@@ -92,7 +94,7 @@ def _token_axes(sizes: dict, batch: int) -> tuple[str, ...]:
   return tuple(axes)
 
 
-def moe_apply(x: Array, router: Array, experts: dict, spec: MoESpec, ffn: FFNSpec):
+def moe_apply(x: Array, router: Array, experts: dict, spec: MoESpec, ffn: FFNSpec, bias: Array | None = None):
   """x (B, T, D) -> (B, T, D), stats. Per device in shard_map when a mesh is current (see the module
   docstring); otherwise one program that XLA partitions (also the fallback when the batch does not split
   over the `expert` axis, e.g. sampling one sequence)."""
@@ -105,7 +107,7 @@ def moe_apply(x: Array, router: Array, experts: dict, spec: MoESpec, ffn: FFNSpe
     raise ValueError(f"model.moe.num_experts = {spec.num_experts} does not divide over mesh.expert = {shards}; "
                      "use a multiple of mesh.expert experts, or a mesh.expert that divides num_experts")
   if (shards > 1 and EXPERT_AXIS not in axes) or (shards == 1 and not axes):
-    y, stats = moe_tokens(x.reshape(b * t, d), router, experts, spec, ffn)
+    y, stats = moe_tokens(x.reshape(b * t, d), router, experts, spec, ffn, bias=bias, seq_len=t)
     return y.reshape(b, t, d), stats
   n_tokens = b * t
   axis = EXPERT_AXIS if shards > 1 else None
@@ -120,15 +122,18 @@ def moe_apply(x: Array, router: Array, experts: dict, spec: MoESpec, ffn: FFNSpe
   if split and (b // math.prod(sizes[a] for a in axes) * t) % tp:
     split, tensor_axis = False, None
 
-  def local(x, router, experts):
+  def local(x, router, experts, bias):
     lb = x.shape[0]
     x = x.reshape(lb * t, d)
+    start = 0
     if split:
       m = lb * t // tp
-      x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(TENSOR_AXIS) * m, m)
+      start = jax.lax.axis_index(TENSOR_AXIS) * m
+      x = jax.lax.dynamic_slice_in_dim(x, start, m)
     y, stats = moe_tokens(x, router, experts, spec, ffn, token_axes=axes + ((TENSOR_AXIS,) if split else ()),
-                          n_tokens=n_tokens, axis=axis, shards=shards, transport=transport(),
-                          tensor_axis=tensor_axis)
+                          n_tokens=n_tokens, axis=axis, shards=shards, transport=transport(spec.transport),
+                          tensor_axis=tensor_axis, bias=bias, seq_len=t, seq_start=start,
+                          seq_group=(TENSOR_AXIS, tp) if split else None)
     if split:
       y = jax.lax.all_gather(y, TENSOR_AXIS, tiled=True)
     return y.reshape(lb, t, d), stats
@@ -137,9 +142,9 @@ def moe_apply(x: Array, router: Array, experts: dict, spec: MoESpec, ffn: FFNSpe
   expert_specs = {k: f_split.get(k, jax.tree.map(lambda _: P(axis), v)) for k, v in experts.items()}
   # check_vma=False: Pallas kernels (megablox, tokamax) declare their outputs without the varying-axes
   # types that shard_map's check requires (jax 0.10); the 8-device tests compare gradients without it.
-  fn = jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(), expert_specs), out_specs=(P(axes), P()),
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(), expert_specs, P()), out_specs=(P(axes), P()),
                      check_vma=False)
-  return fn(x, router, experts)
+  return fn(x, router, experts, bias)
 
 
 class MoE(nn.Module):
@@ -158,9 +163,16 @@ class MoE(nn.Module):
     x = x.astype(self.dtype)
     router = param(self, "router", (d, s.num_experts), ("embed", None), dense_init(d), self.param_dtype)
     experts = Experts(self.ffn, s.num_experts, self.param_dtype, self.out_scale, name="experts")(d)
-    y, stats = moe_apply(x, router, experts, s, self.ffn)
-    self.sow("intermediates", "aux_losses", {"aux_loss": stats["aux_loss"], "z_loss": stats["z_loss"]})
-    self.sow("intermediates", "moe_stats", {k: stats[k] for k in ("load", "dropped", "ep_overflow") if k in stats})
+    # Loss-free balancing: a bias that only picks experts. Stored with the parameters (so it is checkpointed
+    # and used by eval and sampling) but not trained: no gradient reaches it, and step.py sets it each step.
+    bias = (param(self, "router_bias", (s.num_experts,), (None,), nn.initializers.zeros, jnp.float32)
+            if s.bias_rate > 0 else None)
+    y, stats = moe_apply(x, router, experts, s, self.ffn, bias)
+    if s.routed_scale != 1.0:
+      y = y * s.routed_scale
+    self.sow("intermediates", "aux_losses", {k: stats[k] for k in ("aux_loss", "seq_aux_loss", "z_loss")})
+    self.sow("intermediates", "moe_stats", {k: stats[k] for k in ("load", "dropped", "ep_overflow", "ep_overflow_expert")
+                                          if k in stats})
     if self.ffn.mix != "fixed":  # LA: mean coefficients over experts; MoA: mean gates over routed tokens
       self.sow("intermediates", "mix_mean", {b: jnp.mean(experts[b]["coef"], axis=(0, 1)) if self.ffn.mix == "la"
                                              else stats[f"gates_{b}"] for b in branches(self.ffn)})

@@ -9,6 +9,7 @@ from moa_jax import ffn as ffn_lib
 ROUTERS = ("softmax", "sigmoid")
 PATHS = ("dropless", "capacity")
 GMMS = ("auto", "tokamax", "megablox", "ragged_dot")
+TRANSPORTS = ("auto", "ragged", "padded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,13 +26,22 @@ class MoESpec:
   capacity_factor: float = 1.25  # capacity path: slots per expert = ⌈factor · tokens · top_k / E⌉
   gmm: str = "auto"              # grouped matmul: auto (tokamax on GPU/TPU, ragged_dot on CPU) | tokamax |
                                  # megablox (jax's TPU kernel) | ragged_dot (XLA; dense masked on CPU and GPU)
-  buffer_factor: float = 1.25    # expert parallelism: rows a device may receive from each other device, as a
-                                 # multiple of the balanced count; assignments past it are dropped and counted
+  buffer_factor: float = -1.0    # expert parallelism: rows a device may receive in all, as a multiple of the
+                                 # balanced count; < 0 (default): the worst case, nothing is ever dropped. With a
+                                 # cap, overflow is dropped by fair share per expert, then priority (exchange.py)
+  bias_rate: float = 0.0         # γ of DeepSeek-V3's auxiliary-loss-free balancing: a per-layer, per-expert
+                                 # router bias for the top-k choice, b += γ·sign(mean load − load) each
+                                 # step (0: off; DeepSeek-V3 used 0.001)
+  routed_scale: float = 1.0      # routed experts' output × this before the shared experts' is added
+                                 # (DeepSeek-V3: 2.5)
+  transport: str = "auto"        # expert-parallel exchange: auto (padded on CPU, ragged elsewhere) | ragged
+                                 # (ragged_all_to_all: kept rows only) | padded (all_to_all of padded buffers)
 
   def __post_init__(self):
     ffn_lib._choice("model.moe.router", self.router, ROUTERS)
     ffn_lib._choice("model.moe.path", self.path, PATHS)
     ffn_lib._choice("model.moe.gmm", self.gmm, GMMS)
+    ffn_lib._choice("model.moe.transport", self.transport, TRANSPORTS)
     if self.num_experts < 0:
       raise ValueError(f"model.moe.num_experts = {self.num_experts}; use 0 (dense) or a positive count")
     if not self.num_experts:
@@ -48,6 +58,9 @@ class MoESpec:
         raise ValueError(f"model.moe.{field} = {getattr(self, field)}; must be ≥ 0")
     if self.capacity_factor <= 0:
       raise ValueError(f"model.moe.capacity_factor = {self.capacity_factor}; must be positive")
-    if self.buffer_factor <= 0:
-      raise ValueError(f"model.moe.buffer_factor = {self.buffer_factor}; must be positive (2.0: twice the "
-                       "balanced load; mesh.expert is the most that can ever arrive)")
+    if self.bias_rate < 0 or self.routed_scale <= 0:
+      raise ValueError(f"model.moe.bias_rate = {self.bias_rate}, routed_scale = {self.routed_scale}; bias_rate "
+                       "must be ≥ 0 (0: off) and routed_scale positive (1.0: off)")
+    if self.buffer_factor == 0:
+      raise ValueError(f"model.moe.buffer_factor = {self.buffer_factor}; use a negative value (never drop: buffers for the worst "
+                       "case) or a positive multiple of the balanced load, e.g. 2.0")
