@@ -173,12 +173,13 @@ def abstract_model(model: Decoder, batch_size: int, seq_len: int):
   return meta.unbox(boxed), nn.get_partition_spec(boxed)
 
 
-def build(config, with_data: bool = True) -> Run:
+def build(config, with_data: bool = True, devices=None) -> Run:
+  """devices: the mesh's devices (None: jax.devices(); moa_jax.aot passes a target's compile-only ones)."""
   spec = model_spec(config.model)
   if config.train.steps <= 0:
     raise TrainingError(f"train.steps = {config.train.steps}; must be positive")
   profiling.check_config(config.train, jax.process_count())
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   divisor = sharding.batch_divisor(mesh)
   if config.train.batch_size % divisor:
     raise TrainingError(f"train.batch_size = {config.train.batch_size} does not divide over the mesh's data axes "
@@ -467,6 +468,12 @@ def main(argv):
   f = flags.FLAGS
   try:
     runtime.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    if f.target:
+      if not f.compile_only:
+        raise TrainingError(f"--target={f.target} compiles for other hardware without running; add --compile_only")
+      from moa_jax.aot import compiled as aot  # aot builds on this module: imported only for --target
+      print(aot.report(f.config, f.target))
+      return
     if f.compile_only:
       print(format_memory(f.config, compile_only(f.config)))
       return
@@ -490,6 +497,8 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tb/ (a gs:// path works).")
   flags.DEFINE_bool("compile_only", False, "Compile the train step for the mesh, print memory per device, exit.")
+  flags.DEFINE_string("target", None, "With --compile_only: compile for a TPU slice (v5p:2x2x2) or GPUs (h100:8) "
+                      "on this machine, no device needed (pip install moa_jax[aot]; moa_jax/aot).")
   flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-process runs.")
   flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
   flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec
 
-from moa_jax import activations
+from moa_jax import activations, platforms
 from moa_jax.kernels import forms
 
 Array = jax.Array
@@ -247,7 +247,7 @@ def _layouts():
 
 def _resolve(backend: str | None, interpret: bool | None, precision: str | None):
   layouts = _layouts()
-  platform = jax.default_backend()
+  platform = platforms.current()  # the compile target's platform (moa_jax.aot), else the host's
   if backend is None:
     backend = platform if platform in layouts else "tpu"
   if backend not in layouts:
