@@ -16,7 +16,7 @@ import time
 
 import jax
 
-from moa_jax import profiling, sharding, train
+from moa_jax import attention, profiling, sharding, train
 from moa_jax.aot import hlo, targets
 from moa_jax.aot.targets import TargetError
 
@@ -38,8 +38,10 @@ class _null:
     return False
 
 
-def _roofline(compiled, n_tokens: int, chips: int, peak: float) -> dict:
-  """The TPU cost model's step time, its FLOPs corrected for while-loop trips, tokens/s and MFU."""
+def _roofline(compiled, n_tokens: int, peak: float, splash_flops: float) -> dict:
+  """The TPU cost model's step time, its FLOPs corrected for while-loop trips, tokens/s and MFU.
+  splash_flops: per chip, the attention FLOPs of splash kernels, which carry no cost estimate; they are
+  added at the chip's peak rate (a lower bound on their time)."""
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) and cost else cost) or {}
   flops, seconds = float(cost.get("flops", 0.0)), float(cost.get("optimal_seconds", 0.0))
@@ -47,10 +49,19 @@ def _roofline(compiled, n_tokens: int, chips: int, peak: float) -> dict:
     return {}
   once, trips, unknown = hlo.dot_flops(compiled.as_text())
   corrected = flops + trips - once
-  step = seconds * corrected / flops  # assumes the loop bodies take the time per FLOP of the whole step
-  return {"flops_reported": flops, "flops_per_chip": corrected, "optimal_seconds_reported": seconds,
-          "step_seconds": step, "tokens_per_sec": n_tokens / step, "unknown_loops": unknown,
-          "mfu": corrected / step / peak}
+  # the loop bodies are assumed to take the cost model's time per FLOP of the whole step
+  step = seconds * corrected / flops + splash_flops / peak
+  total = corrected + splash_flops
+  return {"flops_reported": flops, "flops_per_chip": total, "optimal_seconds_reported": seconds,
+          "splash_flops_per_chip": splash_flops, "step_seconds": step, "tokens_per_sec": n_tokens / step,
+          "unknown_loops": unknown, "uncosted_calls": hlo.uncosted_calls(compiled.as_text()),
+          "mfu": total / step / peak}
+
+
+def custom_calls(hlo_text: str) -> dict:
+  """{custom-call target: count} in an optimized HLO: tpu_custom_call (Pallas TPU), Triton, cuDNN."""
+  found = re.findall(r'custom_call_target="([^"]+)"', hlo_text)
+  return {name: found.count(name) for name in sorted(set(found))}
 
 
 def suggestion(config, target, total: float, temp: float) -> str:
@@ -82,9 +93,9 @@ def compile_for_target(config, target_name: str) -> dict:
   hint = targets.missing_extra(target)
   if hint:
     raise TargetError(hint)
+  shape = targets.check_mesh(target, config.mesh, sharding.mesh_shape)
   targets.use_host_cpu()
   devices = targets.devices(target)
-  shape = targets.check_mesh(target, config.mesh, sharding.mesh_shape)
   with targets.trace_platform(target):
     try:
       run = train.build(config, with_data=False, devices=devices)
@@ -110,11 +121,15 @@ def compile_for_target(config, target_name: str) -> dict:
          "compile_seconds": seconds, "memory": mem, "hbm_bytes": target.chip.hbm_bytes,
          "fits": mem["total"] <= target.chip.hbm_bytes,
          "collectives": profiling.collective_counts(compiled.as_text()),
+         "custom_calls": custom_calls(compiled.as_text()),
          "tokens": config.train.batch_size * config.train.seq_len,
          "model_flops_per_chip": run.summary["flops_per_token"] * config.train.batch_size
          * config.train.seq_len / target.chips}
   if target.platform == "tpu":
-    out["roofline"] = _roofline(compiled, out["tokens"], target.chips, target.chip.peak_flops)
+    splash = attention.resolve_impl(config.model.attention_impl, config.model.dtype, config.train.seq_len,
+                                    "tpu") == "splash"
+    attn = run.summary["attention_flops_per_token"] * out["tokens"] / target.chips if splash else 0.0
+    out["roofline"] = _roofline(compiled, out["tokens"], target.chip.peak_flops, attn)
   out["suggestion"] = None if out["fits"] else suggestion(config, target, mem["total"], mem["temp"])
   return out
 
@@ -137,8 +152,10 @@ def format_report(config, r: dict) -> str:
   lines.append("  collectives per step " + ", ".join(f"{k} {v}" for k, v in r["collectives"].items() if v))
   roof = r.get("roofline") or {}
   if roof:
+    splash = (f", splash attention's {roof['splash_flops_per_chip']:.3g} at peak" if roof["splash_flops_per_chip"]
+              else "")
     lines.append(f"  roofline step time   {roof['step_seconds']:.3f} s (TPU cost model, loop trips counted: "
-                 f"{roof['flops_per_chip']:.3g} FLOP/chip, {roof['flops_reported']:.3g} as reported); "
+                 f"{roof['flops_per_chip']:.3g} FLOP/chip, {roof['flops_reported']:.3g} as reported{splash}); "
                  f"{roof['tokens_per_sec']:,.0f} tokens/s, MFU {100 * roof['mfu']:.0f}% at that time")
   elif r["platform"] == "gpu":
     lines.append("  roofline step time   not given: XLA:GPU's compiled cost analysis is empty")

@@ -4,7 +4,8 @@ XLA's cost analysis (`compiled.cost_analysis()`) counts a while loop's body once
 are scanned (and whose microbatches are accumulated in a loop) is undercounted by about the trip counts.
 `dot_flops` walks the HLO text: each computation's dot / convolution FLOPs, plus those of the computations
 it calls (fusions, calls, conditionals), with a while body multiplied by its known trip count. The
-difference between the two totals is the work cost_analysis missed.
+difference between the two totals is the work cost_analysis missed. Pallas TPU calls count the FLOPs of
+their `pl.CostEstimate` (a call without one counts none: `uncosted_calls` says how many there are).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ _RESULT = re.compile(r"^[a-z]+\d*\[([\d,]*)\]\S*\s+([a-z\-]+)\((.*)")
 _OPERAND = re.compile(r"%?([\w.\-]+)")
 _CALLED = re.compile(r"(?:calls|to_apply|body|true_computation|false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_ESTIMATE = re.compile(r'"cost_estimate":\s*\{[^}]*"flops":\s*(\d+)')
 _TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
@@ -27,8 +29,11 @@ def _dims(text: str) -> list[int]:
 
 
 def _instr_flops(rhs: str, shapes: dict[str, list[int]]) -> float:
-  """FLOPs of one dot or convolution instruction (2 per multiply-add); 0 for anything else.
-  shapes: the computation's value names -> dims, for the operands."""
+  """FLOPs of one dot or convolution instruction (2 per multiply-add), or of a Pallas TPU call from its
+  pl.CostEstimate; 0 for anything else. shapes: the computation's value names -> dims, for the operands."""
+  if "custom-call(" in rhs:
+    estimate = _ESTIMATE.search(rhs)
+    return float(estimate.group(1)) if estimate else 0.0
   m = _RESULT.match(rhs)
   if not m or m.group(2) not in ("dot", "convolution"):
     return 0.0
@@ -108,6 +113,12 @@ def _condition_bound(comps: dict[str, list[str]], rhs: str):
     return None
   bounds = [m for m in (re.search(r"^s32\[\]\S*\s+constant\((\d+)\)", line) for line in lines) if m]
   return bounds[0] if len(bounds) == 1 else None
+
+
+def uncosted_calls(hlo: str) -> int:
+  """Pallas TPU calls (tpu_custom_call) that carry no cost estimate, so no cost model counts their work."""
+  return sum(1 for line in hlo.splitlines()
+             if 'custom_call_target="tpu_custom_call"' in line and not _ESTIMATE.search(line))
 
 
 def dot_flops(hlo: str) -> tuple[float, float, int]:

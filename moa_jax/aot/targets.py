@@ -87,13 +87,21 @@ def parse(name: str) -> Target:
   return Target(name, kind, n, f"1x{max(n // 8, 1)}x{min(n, 8)}")
 
 
+def _find(module: str):
+  try:
+    return importlib.util.find_spec(module)
+  except ModuleNotFoundError:  # the parent package is absent
+    return None
+
+
 def missing_extra(target: Target) -> str | None:
   """The one-line install hint when the compiler for `target` is not installed, else None."""
-  needed = ("libtpu",) if target.platform == "tpu" else ("jax_cuda12_plugin", "jax_cuda12_pjrt")
-  absent = [m for m in needed if importlib.util.find_spec(m) is None]
+  needed = (("libtpu",) if target.platform == "tpu" else
+            ("jax_cuda12_plugin", "jax_plugins.xla_cuda12", "nvidia.cuda_nvcc", "nvidia.cudnn"))
+  absent = [m for m in needed if _find(m) is None]
   if not absent:
     return None
-  return f"--target={target.name} needs {', '.join(absent)}, which is not installed: {INSTALL}"
+  return f"--target={target.name} needs {', '.join(absent)}, not installed: {INSTALL}"
 
 
 def gpu_target_config(target: Target) -> str:
