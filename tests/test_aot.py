@@ -209,5 +209,5 @@ def test_mixing_kernel_compiles_with_libtpu_at_the_anchor_shape(target, groups):
     return mix.mix_product(h, c, names, u, cu, names).astype(jnp.float32).sum()
 
   with targets.trace_platform(spec):
-    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(h, c, h, c).compile().as_text()
+    text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).lower(h, c, h, c).compile().as_text()
   assert text.count('custom_call_target="tpu_custom_call"') >= 2  # forward and backward kernels
