@@ -15,6 +15,7 @@ batch (256 × 2048) and the microbatches in MICRO; the table says which it used.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import subprocess
@@ -68,7 +69,7 @@ def command(key: str) -> str:
           f"--target={k['target']} {flags}")
 
 
-def compile_cell(key: str) -> dict:
+def compile_cell(key: str, hlo_dir: str = "") -> dict:
   """Compiles one cell in this process; a record for the JSON (does-not-fit is a record, not a crash)."""
   from moa_jax import presets
   from moa_jax.aot import compiled, targets
@@ -89,6 +90,11 @@ def compile_cell(key: str) -> dict:
   except targets.TargetError as e:
     return {**record, "fits": False, "error": str(e), "wall_seconds": time.perf_counter() - start}
   r.pop("suggestion", None)
+  hlo_text = r.pop("hlo")
+  if hlo_dir:
+    os.makedirs(hlo_dir, exist_ok=True)
+    with gzip.open(os.path.join(hlo_dir, key.replace("/", "__").replace(":", "_") + ".hlo.gz"), "wt") as f:
+      f.write(hlo_text)
   return {**record, **r, "wall_seconds": time.perf_counter() - start}
 
 
@@ -119,7 +125,9 @@ def cell_text(r: dict | None, key: str, ratio: float | None) -> str:
   text = (f"{mesh}, {per_chip}/chip in {r['microbatches']} mb: {r['memory']['total'] / 2**30:.1f} GiB "
           f"{'fits' if r['fits'] else 'DOES NOT FIT'}")
   roof = r.get("roofline") or {}
-  if roof:
+  if roof and roof.get("unknown_loops"):
+    text += ", roofline n/a (loops of unknown trip count)"
+  elif roof:
     text += f", {roof['step_seconds']:.2f} s/step, MFU {100 * roof['mfu']:.0f}%"
     if ratio:
       text += f" (bi-MoA/SwiGLU ×{ratio:.2f})"
@@ -135,7 +143,8 @@ def table(results: dict) -> str:
       r = results.get(key)
       base = results.get(key.replace("_bimoa/", "_swiglu/")) if "_bimoa/" in key else None
       ratio = None
-      if r and base and (r.get("roofline") or {}) and (base.get("roofline") or {}):
+      known = lambda x: x and (x.get("roofline") or {}) and not x["roofline"].get("unknown_loops")
+      if known(r) and known(base):
         ratio = r["roofline"]["step_seconds"] / base["roofline"]["step_seconds"]
       cells.append(cell_text(r, key, ratio))
     lines.append(f"| {row} | " + " | ".join(cells) + " |")
@@ -150,10 +159,11 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--compile", default="", help="comma-separated cell keys, or all")
   p.add_argument("--list", action="store_true")
+  p.add_argument("--hlo_dir", default="", help="also keep each compiled cell's optimized HLO here (gzip)")
   p.add_argument("--cell", default="", help=argparse.SUPPRESS)  # internal: one cell, JSON to stdout
   a = p.parse_args()
   if a.cell:
-    print("RECORD " + json.dumps(compile_cell(a.cell)))
+    print("RECORD " + json.dumps(compile_cell(a.cell, a.hlo_dir)))
     return
   every = [f"{row}/{t}" for row in rows() for t in TARGETS]
   if a.list:
@@ -162,7 +172,8 @@ def main() -> None:
   keys = [k for k in every if k not in load()] if a.compile == "all" else [k for k in a.compile.split(",") if k]
   for key in keys:
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, f"--cell={key}"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, f"--cell={key}", f"--hlo_dir={a.hlo_dir}"], capture_output=True,
+                         text=True)
     line = next((l for l in out.stdout.splitlines() if l.startswith("RECORD ")), None)
     if line is None:
       tail = (out.stderr.strip().splitlines() or ["no output"])[-1]

@@ -106,6 +106,36 @@ def test_loop_flops_count_every_trip():
   assert abs(cost["flops"] + every - once - exact) / exact < 0.05
 
 
+# libtpu's loops carry no known_trip_count; their conditions compare the counter with a constant, s32 for
+# scans and u32 for the windowed (collective) matmuls of FSDP. Shapes as libtpu prints them, with tiling.
+LIBTPU_LOOP = """
+%body (p: (u32[], bf16[4,64,128])) -> (u32[], bf16[4,64,128]) {
+  %p = (u32[]{:T(128)}, bf16[4,64,128]{2,1,0:T(8,128)(2,1)}) parameter(0)
+  %x = bf16[4,64,128]{2,1,0:T(8,128)(2,1)} get-tuple-element(%p), index=1
+  %w = bf16[128,128]{1,0:T(8,128)(2,1)} constant({...})
+  %d = bf16[4,64,128]{2,1,0:T(8,128)(2,1)} dot(%x, %w), lhs_contracting_dims={2}, rhs_contracting_dims={0}
+  %i = u32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %t = (u32[]{:T(128)}, bf16[4,64,128]{2,1,0:T(8,128)(2,1)}) tuple(%i, %d)
+}
+%cond (q: (u32[], bf16[4,64,128])) -> pred[] {
+  %c = u32[]{:T(128)} constant(%BOUND%), metadata={op_name="windowed"}
+  %q = (u32[]{:T(128)}, bf16[4,64,128]{2,1,0:T(8,128)(2,1)}) parameter(0)
+  %j = u32[]{:T(128)} get-tuple-element(%q), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%j, %c), direction=LT
+}
+ENTRY %main (a: (u32[], bf16[4,64,128])) -> (u32[], bf16[4,64,128]) {
+  %a = (u32[]{:T(128)}, bf16[4,64,128]{2,1,0:T(8,128)(2,1)}) parameter(0)
+  ROOT %loop = (u32[]{:T(128)}, bf16[4,64,128]{2,1,0:T(8,128)(2,1)}) while(%a), condition=%cond, body=%body
+}
+"""
+
+
+@pytest.mark.parametrize("bound", [1, 4, 24])
+def test_loop_trips_read_from_libtpu_conditions(bound):
+  once, every, unknown = hlo.dot_flops(LIBTPU_LOOP.replace("%BOUND%", str(bound)))
+  assert (once, every, unknown) == (2 * 4 * 64 * 128 * 128, bound * 2 * 4 * 64 * 128 * 128, 0)
+
+
 def test_attention_and_kernels_follow_the_target_platform():
   from moa_jax.kernels import mix
 

@@ -125,6 +125,7 @@ def compile_for_target(config, target_name: str) -> dict:
          "tokens": config.train.batch_size * config.train.seq_len,
          "model_flops_per_chip": run.summary["flops_per_token"] * config.train.batch_size
          * config.train.seq_len / target.chips}
+  out["hlo"] = compiled.as_text()  # the optimized module, for a later look (collectives, loops)
   if target.platform == "tpu":
     splash = attention.resolve_impl(config.model.attention_impl, config.model.dtype, config.train.seq_len,
                                     "tpu") == "splash"
@@ -154,6 +155,8 @@ def format_report(config, r: dict) -> str:
   if roof:
     splash = (f", splash attention's {roof['splash_flops_per_chip']:.3g} at peak" if roof["splash_flops_per_chip"]
               else "")
+    if roof["unknown_loops"]:
+      splash += f"; {roof['unknown_loops']} loops of unknown trip count counted once: a lower bound"
     lines.append(f"  roofline step time   {roof['step_seconds']:.3f} s (TPU cost model, loop trips counted: "
                  f"{roof['flops_per_chip']:.3g} FLOP/chip, {roof['flops_reported']:.3g} as reported{splash}); "
                  f"{roof['tokens_per_sec']:,.0f} tokens/s, MFU {100 * roof['mfu']:.0f}% at that time")
@@ -166,6 +169,7 @@ def report(config, target_name: str) -> str:
   """--compile_only --target: the report's lines; TargetError (one line, what would fit) when the step
   does not fit the chip, after printing the report."""
   r = compile_for_target(config, target_name)
+  r.pop("hlo")
   text = format_report(config, r)
   if r["fits"]:
     return text

@@ -111,7 +111,7 @@ def _condition_bound(comps: dict[str, list[str]], rhs: str):
   lines = comps.get(cond.group(1), ()) if cond else ()
   if len(lines) > 6 or not any("direction=LT" in line for line in lines):
     return None
-  bounds = [m for m in (re.search(r"^s32\[\]\S*\s+constant\((\d+)\)", line) for line in lines) if m]
+  bounds = [m for m in (re.search(r"^[su](?:32|64)\[\]\S*\s+constant\((\d+)\)", line) for line in lines) if m]
   return bounds[0] if len(bounds) == 1 else None
 
 
