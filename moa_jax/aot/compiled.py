@@ -10,6 +10,7 @@ the collectives, and on TPU the cost model's roofline step time corrected for lo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -27,34 +28,26 @@ _HBM_OOM = re.compile(r"memory required for HLO temporaries \(([\d.]+)([GMK])\) 
 def _abstract_mesh_context(run):
   """Pallas Triton asks the abstract mesh for the GPU it lowers for (no local GPU to ask)."""
   use = getattr(jax.sharding, "use_abstract_mesh", None)
-  return use(run.mesh.abstract_mesh) if use else _null()
+  return use(run.mesh.abstract_mesh) if use else contextlib.nullcontext()
 
 
-class _null:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
-
-
-def _roofline(compiled, n_tokens: int, peak: float, splash_flops: float) -> dict:
+def _roofline(compiled, text: str, n_tokens: int, peak: float, splash_flops: float) -> dict:
   """The TPU cost model's step time, its FLOPs corrected for while-loop trips, tokens/s and MFU.
-  splash_flops: per chip, the attention FLOPs of splash kernels, which carry no cost estimate; they are
-  added at the chip's peak rate (a lower bound on their time)."""
+  text: the compiled HLO. splash_flops: per chip, the attention FLOPs (the model summary's count) of
+  splash kernels, which carry no cost estimate; they are added at the chip's peak rate."""
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) and cost else cost) or {}
   flops, seconds = float(cost.get("flops", 0.0)), float(cost.get("optimal_seconds", 0.0))
   if flops <= 0 or seconds <= 0:
     return {}
-  once, trips, unknown = hlo.dot_flops(compiled.as_text())
+  once, trips, unknown = hlo.dot_flops(text)
   corrected = flops + trips - once
   # the loop bodies are assumed to take the cost model's time per FLOP of the whole step
   step = seconds * corrected / flops + splash_flops / peak
   total = corrected + splash_flops
   return {"flops_reported": flops, "flops_per_chip": total, "optimal_seconds_reported": seconds,
           "splash_flops_per_chip": splash_flops, "step_seconds": step, "tokens_per_sec": n_tokens / step,
-          "unknown_loops": unknown, "uncosted_calls": hlo.uncosted_calls(compiled.as_text()),
+          "unknown_loops": unknown, "uncosted_calls": hlo.uncosted_calls(text),
           "mfu": total / step / peak}
 
 
@@ -115,22 +108,21 @@ def compile_for_target(config, target_name: str) -> dict:
                         f"{temp / GIB:.2f} GiB of temporaries per chip, more than its {oom.group(3)} GiB of HBM; "
                         f"try {suggestion(config, target, temp, temp)}") from None
     seconds = time.perf_counter() - start
-  mem = profiling.compiled_memory(compiled)
+  mem, text = profiling.compiled_memory(compiled), compiled.as_text()
   out = {"target": target.name, "platform": target.platform, "chips": target.chips,
          "device_kind": devices[0].device_kind, "mesh": dict(zip(sharding.MESH_AXES, shape)),
          "compile_seconds": seconds, "memory": mem, "hbm_bytes": target.chip.hbm_bytes,
          "fits": mem["total"] <= target.chip.hbm_bytes,
-         "collectives": profiling.collective_counts(compiled.as_text()),
-         "custom_calls": custom_calls(compiled.as_text()),
+         "collectives": profiling.collective_counts(text), "custom_calls": custom_calls(text),
          "tokens": config.train.batch_size * config.train.seq_len,
          "model_flops_per_chip": run.summary["flops_per_token"] * config.train.batch_size
-         * config.train.seq_len / target.chips}
-  out["hlo"] = compiled.as_text()  # the optimized module, for a later look (collectives, loops)
+         * config.train.seq_len / target.chips,
+         "hlo": text}  # the optimized module, for a later look (collectives, loops)
   if target.platform == "tpu":
     splash = attention.resolve_impl(config.model.attention_impl, config.model.dtype, config.train.seq_len,
                                     "tpu") == "splash"
     attn = run.summary["attention_flops_per_token"] * out["tokens"] / target.chips if splash else 0.0
-    out["roofline"] = _roofline(compiled, out["tokens"], target.chip.peak_flops, attn)
+    out["roofline"] = _roofline(compiled, text, out["tokens"], target.chip.peak_flops, attn)
   out["suggestion"] = None if out["fits"] else suggestion(config, target, mem["total"], mem["temp"])
   return out
 
