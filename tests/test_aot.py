@@ -208,6 +208,17 @@ def test_trip_corrected_tpu_flops_match_the_model_summary():
 
 
 @pytest.mark.slow
+@needs_tpu
+def test_a_step_libtpu_cannot_fit_ends_in_one_line_saying_what_would():
+  c = _debug(seq_len=2048)
+  c.train.batch_size, c.model.attention_impl = 512, "xla"  # (B, N, T, T) fp32 scores: ~32 GiB per layer
+  with pytest.raises(TargetError) as e:
+    compiled.compile_for_target(c, "v5e:1x1")
+  line = str(e.value)
+  assert "does not fit --target=v5e:1x1" in line and "--config.train.microbatches=" in line and "\n" not in line
+
+
+@pytest.mark.slow
 @needs_cuda
 def test_debug_step_compiles_for_h100s_with_triton_kernel_and_cudnn_attention():
   c = _debug()

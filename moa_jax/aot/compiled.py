@@ -142,7 +142,8 @@ def format_report(config, r: dict) -> str:
   if r["platform"] == "gpu" and r["fits"] and mem["total"] > 0.75 * r["hbm_bytes"]:
     lines.append("  note: above jax's default GPU memory pool (75% of HBM); run with "
                  "XLA_PYTHON_CLIENT_MEM_FRACTION=.95")
-  lines.append("  collectives per step " + ", ".join(f"{k} {v}" for k, v in r["collectives"].items() if v))
+  lines.append("  collectives per step " + (", ".join(f"{k} {v}" for k, v in r["collectives"].items() if v)
+                                            or "none"))
   roof = r.get("roofline") or {}
   if roof:
     splash = (f", splash attention's {roof['splash_flops_per_chip']:.3g} at peak" if roof["splash_flops_per_chip"]
