@@ -144,7 +144,7 @@ def lm_config(size: str = "debug", ffn: str = "swiglu") -> ml_collections.Config
       dtype="float32" if debug else "bfloat16",  # compute dtype (debug: fp32, so tests compare to rounding)
       param_dtype="float32",                     # parameter (and optimizer state) dtype
       remat="save_dots_no_batch",                # remat policy: none | full | save_dots | save_dots_no_batch | save_dots_moe_io
-      attention_impl="auto",                     # auto | xla | cudnn (jax.nn.dot_product_attention)
+      attention_impl="auto",                     # auto (splash on TPU, cudnn on GPU, else xla) | xla | cudnn | splash
   ))
   c.model.ffn = ffn_config(ffn, d, multiple)
   c.model.moe = moe_config(*row[8:])

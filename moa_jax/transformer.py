@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from moa_jax import loss
-from moa_jax.attention import Attention
+from moa_jax.attention import IMPLS as ATTENTION_IMPLS, Attention
 from moa_jax.ffn import FFN, FFNSpec, param
 from moa_jax.moe import MoE, MoESpec
 
@@ -69,8 +69,8 @@ class ModelSpec:
         raise ValueError(f"model.{field} = {getattr(self, field)!r}; allowed: {', '.join(DTYPES)}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat = {self.remat!r}; allowed: {', '.join(REMAT_POLICIES)}")
-    if self.attention_impl not in ("auto", "xla", "cudnn"):
-      raise ValueError(f"model.attention_impl = {self.attention_impl!r}; allowed: auto, xla, cudnn")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"model.attention_impl = {self.attention_impl!r}; allowed: {', '.join(ATTENTION_IMPLS)}")
     if self.moe.num_experts:
       if self.n_layers % self.moe.every:
         raise ValueError(f"model.n_layers = {self.n_layers} is not a multiple of model.moe.every = "
@@ -112,7 +112,7 @@ class Block(nn.Module):
     dtype, pdtype = DTYPES[s.dtype], DTYPES[s.param_dtype]
     out_scale = (2 * s.n_layers) ** -0.5
     attn = Attention(s.n_heads, s.n_kv_heads, s.resolved_head_dim, s.rope_theta,
-                     None if s.attention_impl == "auto" else s.attention_impl, dtype, pdtype, out_scale,
+                     s.attention_impl, dtype, pdtype, out_scale,
                      name="attention")
     x = x + attn(RMSNorm(s.norm_eps, pdtype, name="attention_norm")(x), positions)
     if self.moe:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from moa_jax import activations
+from moa_jax import activations, platforms
 from moa_jax.kernels import mix, tpu, triton
 
 Array = jax.Array
@@ -51,7 +51,7 @@ def _layouts():
 
 def _resolve(backend: str | None, interpret: bool | None, precision: str | None):
   layouts = _layouts()
-  platform = jax.default_backend()
+  platform = platforms.current()  # the compile target's platform (moa_jax.aot), else the host's
   if backend is None:
     backend = platform if platform in layouts else "tpu"
   if backend not in layouts:

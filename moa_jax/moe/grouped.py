@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from absl import flags, logging
 from jax.ad_checkpoint import checkpoint_name
 
-from moa_jax import ffn as ffn_lib
+from moa_jax import ffn as ffn_lib, platforms
 from moa_jax.ffn import FFNSpec
 
 Array = jax.Array
@@ -37,7 +37,7 @@ def resolve_gmm(name: str) -> str:
                      "or set model.moe.gmm=auto")
   if name != "auto":
     return name
-  backend = jax.default_backend()
+  backend = platforms.current()  # the platform compiled for (moa_jax.aot), else the host's
   if backend == "cpu":
     return "ragged_dot"
   if has_tokamax:

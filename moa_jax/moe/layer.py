@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moa_jax import ffn as ffn_lib
+from moa_jax import ffn as ffn_lib, platforms
 from moa_jax.ffn import FFN, FFNSpec, dense_init, param
 from moa_jax.moe.grouped import branches
 from moa_jax.moe.paths import moe_tokens
@@ -78,10 +78,11 @@ class Experts(nn.Module):
 
 
 def transport(name: str = "auto") -> str:
-  """model.moe.transport: `auto` is padded on CPU (XLA:CPU has no ragged all-to-all), ragged elsewhere."""
+  """model.moe.transport: `auto` is padded on CPU (XLA:CPU has no ragged all-to-all), ragged elsewhere (the
+  platform compiled for: moa_jax.platforms)."""
   if name != "auto":
     return name
-  return "padded" if jax.default_backend() == "cpu" else "ragged"
+  return "padded" if platforms.current() == "cpu" else "ragged"
 
 
 def _token_axes(sizes: dict, batch: int) -> tuple[str, ...]:
