@@ -36,6 +36,7 @@ RANGES = {
     "data.max_bytes": (0, None, "the cap on text read, 0: all"),
     "loss_weights.aux_loss": (0, None, "the MoE balance loss weight"),
     "loss_weights.z_loss": (0, None, "the MoE router z-loss weight"),
+    # model.moe.buffer_factor: checked by moe/spec.py (negative: never drop; 0 is refused)
     "checkpoint.every": (0, None, "steps between saves, 0: only at the end"),
     "model.vocab_size": (1, None, "the vocabulary"),
     "model.d_model": (1, None, "the residual width"),
@@ -52,7 +53,9 @@ RANGES = {
     "model.moe.shared_experts": (0, None, "always-on experts"),
     "model.moe.d_ff_expert": (0, None, "the expert width, 0: model.ffn.d_ff"),
     "model.moe.capacity_factor": ((0,), None, "slots per expert over the balanced load"),
-    "model.moe.buffer_factor": ((0,), None, "receive rows per device pair over the balanced load"),
+    "model.moe.bias_rate": (0, None, "the loss-free balancing bias step γ, 0: off"),
+    "model.moe.routed_scale": ((0,), None, "the routed experts' output scale"),
+    "loss_weights.seq_aux_loss": (0, None, "the per-sequence MoE balance loss weight"),
 }
 
 
