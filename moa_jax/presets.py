@@ -97,7 +97,7 @@ def ffn_config(ffn: str, d_model: int, multiple: int) -> ml_collections.ConfigDi
       gate_bias_init=4.0,                        # moa: logit margin of `primary` at init
       groups=1,                                  # channel groups G, each with its own gates
       d_ff=ffn_width(preset["type"], d_model, multiple),  # hidden width F
-      impl="xla",                                # mixing implementation: xla | pallas (fused kernel)
+      impl="xla",                                # mixing: xla | pallas (mixing kernel) | fused (in the matmul)
   ))
 
 
