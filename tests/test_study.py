@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from moa_jax import report, rundir, scaling, stats, study, study_plan, study_runs, train
+from moa_jax import rundir, scaling, stats, study, study_plan, study_runs, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
