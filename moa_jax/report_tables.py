@@ -290,3 +290,4 @@ def _per_seed(study, v: _Variants, label) -> list[str]:
     out += [f"Eval noise: the last evaluation's standard error over held-out sequences is {min(se):.4f}–"
             f"{max(se):.4f} nats (the subset is the same for every run, so it shifts every arm alike; "
             "the seed-to-seed spread above is what the CIs measure).", ""]
+  return out

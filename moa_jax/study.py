@@ -36,6 +36,8 @@ arms — a subset of arm names —, baseline, name);
 Lists are comma-separated.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import importlib.util
 import json
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
   # Study files import moa_jax.study, a second copy of this module when it runs as __main__: call that
-  # copy's main, so the StudyError its Study raises is the class main catches.
+  # copy's main, so one copy of the module serves the whole run.
   from moa_jax import study as _study
 
   _study.main()
