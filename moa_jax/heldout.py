@@ -90,7 +90,7 @@ def paired_ratio_se(a: dict, b: dict) -> tuple[float, float]:
 def report_lines(runs: dict, pairs: list, name, label) -> list[str]:
   """The report's section on document-level uncertainty.
 
-  runs: variant key -> its finished evaluation runs (report.RunResult); pairs: (comparison, its arm's
+  runs: variant key -> its finished evaluation runs (study_runs.RunResult); pairs: (comparison, its arm's
   variant key, the other's); name(comparison), label(key): labels. Runs without a checkpoint are left out."""
   docs = {}
   for key, results in runs.items():

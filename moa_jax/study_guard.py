@@ -3,7 +3,7 @@
 - One study per study directory: a training study holds WORKDIR/lock (moa_jax.workdir) for as long as
   it runs, so a second study on the same directory stops with one line instead of racing the first for
   its runs. (--report_only takes no lock: it only reads runs, and writes the report.)
-- Only a divergence marks a run failed (report.FAILED): any other reason a run cannot go on (its lock
+- Only a divergence marks a run failed (study_runs.FAILED): any other reason a run cannot go on (its lock
   held by a `train` started by hand, a refused resume) stops the study with one line.
 - A failed.json beside a run that has finished (left by an older version, or by a race) is reconciled
   before anything reads it: moved to failed.superseded.json, with a note.
@@ -18,7 +18,7 @@ import glob
 import json
 import os
 
-from moa_jax import cli, report, validate
+from moa_jax import cli, study_runs, validate
 from moa_jax import workdir as workdir_lock
 
 SUPERSEDED = "failed.superseded.json"
@@ -49,17 +49,17 @@ def reconcile(workdir: str) -> list[str]:
   """Moves aside the failure mark of every run under WORKDIR/runs that has in fact finished; returns
   the runs whose marks were moved."""
   moved = []
-  for failed in sorted(glob.glob(os.path.join(workdir, "runs", "*", report.FAILED))):
+  for failed in sorted(glob.glob(os.path.join(workdir, "runs", "*", study_runs.FAILED))):
     run = os.path.dirname(failed)
     try:
       with open(os.path.join(run, "config.json")) as f:
         steps = json.load(f)["train"]["steps"]
-      finished = report.is_finished(run, steps)
+      finished = study_runs.is_finished(run, steps)
     except (OSError, ValueError, KeyError, TypeError):
       continue  # no readable config: the mark stands
     if finished:
       os.replace(failed, os.path.join(run, SUPERSEDED))
-      print(f"note: {os.path.basename(run)} finished, but a {report.FAILED} beside it said it diverged; moved "
+      print(f"note: {os.path.basename(run)} finished, but a {study_runs.FAILED} beside it said it diverged; moved "
             f"that to {SUPERSEDED}", flush=True)
       moved.append(run)
   return moved

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from moa_jax import cli, health, presets, report, study, study_guard, train, validate
+from moa_jax import cli, health, presets, report, study, study_guard, study_runs, train, validate
 from moa_jax import workdir as workdir_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -307,7 +307,7 @@ def test_a_lock_conflict_is_never_a_divergence(data_cache, tmp_path):
   with workdir_lock.WorkdirLock(ref.workdir):  # ... and holds its lock
     with pytest.raises(study.StudyError, match="cannot go on: .* is in use by pid"):
       study._train_one(ref, config, "[1/1]")
-  assert not os.path.exists(os.path.join(ref.workdir, report.FAILED))
+  assert not os.path.exists(os.path.join(ref.workdir, study_runs.FAILED))
 
 
 def test_a_second_study_on_one_workdir_is_refused(tmp_path, monkeypatch):
@@ -324,10 +324,10 @@ def test_failed_json_beside_a_finished_run_is_reconciled(tmp_path, capsys):
   run.mkdir(parents=True)
   (run / "config.json").write_text(json.dumps({"train": {"steps": 4}}))
   (run / "metrics.jsonl").write_text(json.dumps({"step": 4, "loss": 5.0, "eval_loss": 5.1}) + "\n")
-  (run / report.FAILED).write_text(json.dumps({"error": "is in use by pid 1"}))
-  assert report.run_outcome(str(run), 4)[0] == "diverged"
+  (run / study_runs.FAILED).write_text(json.dumps({"error": "is in use by pid 1"}))
+  assert study_runs.run_outcome(str(run), 4)[0] == "diverged"
   assert study_guard.reconcile(str(tmp_path)) == [str(run)]
-  assert report.run_outcome(str(run), 4) == ("finished", 5.1)
+  assert study_runs.run_outcome(str(run), 4) == ("finished", 5.1)
   assert json.loads((run / study_guard.SUPERSEDED).read_text())["error"] == "is in use by pid 1"  # kept
   assert "finished, but a failed.json beside it said it diverged" in capsys.readouterr().out
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moa_jax import heldout, optim, presets, study, train
+from moa_jax import heldout, optim, presets, study, study_plan, train
 from moa_jax.data import corpus, prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,12 +89,12 @@ def test_budgets_give_cheaper_arms_more_steps():
   tokens = study.Study(name="t", sizes=("debug",), arms=arms, baseline="swiglu", seeds=(0,), tokens_per_param=2)
   c = {ref.arm: cfg for ref, cfg in study.plan(tokens, "/w")}
   assert c["swiglu"].train.steps == c["bimoa"].train.steps
-  ratio = study._flops(c["bimoa"]) / study._flops(c["swiglu"])
+  ratio = study_plan._flops(c["bimoa"]) / study_plan._flops(c["swiglu"])
   assert c["eq"].train.steps == round(c["bimoa"].train.steps * ratio) > c["bimoa"].train.steps
   flops = study.Study(name="t", sizes=("debug",), arms=arms, baseline="swiglu", seeds=(0,), tokens_per_param=2,
                       budget="flops", budget_arm="bimoa")
   c = {ref.arm: cfg for ref, cfg in study.plan(flops, "/w")}
-  spent = {a: cfg.train.steps * study._flops(cfg) for a, cfg in c.items()}
+  spent = {a: cfg.train.steps * study_plan._flops(cfg) for a, cfg in c.items()}
   assert spent["swiglu"] == pytest.approx(spent["bimoa"], rel=0.01) and spent["eq"] == pytest.approx(spent["bimoa"], rel=0.01)
   with pytest.raises(study.StudyError, match="wall_clock.*throughput.*'swiglu'"):
     study.Study(name="t", arms=arms, baseline="swiglu", budget="wall_clock")

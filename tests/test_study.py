@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from moa_jax import report, rundir, scaling, stats, study, train
+from moa_jax import rundir, scaling, stats, study, study_plan, study_runs, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -246,7 +246,7 @@ def test_lr_sweep_with_divergence_and_scaling_fit(tmp_path, monkeypatch):
   assert "## Power" in text
   assert "debug-moa-lr2x-s2`: diverged: loss is nan at step 7" in text
   assert "| moa debug lr 2× | 4.9700 | 4.9610 | diverged |" in text  # per seed: 5 - 0.03, 5 - 0.04 + 0.001
-  assert os.path.exists(tmp_path / "runs" / "debug-moa-lr2x-s2" / report.FAILED)
+  assert os.path.exists(tmp_path / "runs" / "debug-moa-lr2x-s2" / study_runs.FAILED)
 
   # The diverged run is not retried on the next call.
   monkeypatch.setattr(train, "train", lambda *a: pytest.fail("trained again"))
@@ -365,8 +365,8 @@ def test_run_shape_sets_steps_warmup_and_evals_from_tokens_per_param():
   assert c.train.eval_every % c.train.log_every == 0 and 9 <= c.train.steps // c.train.eval_every <= 11
   assert c.train.eval_tokens == 1 << 20 and c.data.max_bytes == 8_000_000 and c.train.sample_every == 0
   # The equal-FLOPs arm: a SwiGLU widened to bi-MoA's FLOPs per token, on bi-MoA's token budget.
-  flops = {arm: study._flops(configs[arm]) for arm in configs}
-  per_unit = study._flops(configs["swiglu"]) / 1  # any width step costs far less than this
+  flops = {arm: study_plan._flops(configs[arm]) for arm in configs}
+  per_unit = study_plan._flops(configs["swiglu"]) / 1  # any width step costs far less than this
   assert configs["wide"].model.ffn.d_ff > configs["swiglu"].model.ffn.d_ff
   assert abs(flops["wide"] - flops["bimoa"]) < (flops["bimoa"] - flops["swiglu"]) / 10 < per_unit
   assert configs["wide"].train.steps == configs["bimoa"].train.steps

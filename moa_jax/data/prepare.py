@@ -47,7 +47,7 @@ from etils import epath
 import numpy as np
 
 from moa_jax import cli, progress
-from moa_jax.data import atomic, corpus, hf, shards
+from moa_jax.data import atomic, cache, corpus, hf, shards
 from moa_jax.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 VERSION = 3  # 3: sharded token files with an index; 2: the stdlib corpus leaves out encodings/
@@ -125,9 +125,9 @@ def prepare(source: str, vocab_size: int, cache_dir: str, tokenizer: str | None 
     return corpus.documents(source, split, val_percent=val_percent, text_field=text_field,
                             max_bytes=_split_budget(max_bytes or 0, rule, split), rule=rule)
 
-  meta = _complete_meta(directory, key)
+  meta = cache.complete_meta(directory, key)
   if meta is not None and kind in _EDITABLE:
-    print(_reuse_note(directory, source, meta), flush=True)
+    print(cache.reuse_note(directory, source, meta), flush=True)
   if meta is None and next(split_documents("train"), None) is None:
     raise ValueError(f"data.source = {source!r} has no non-empty training documents (with "
                      f"data.val_percent = {val_percent}); give a source with text, or lower "
@@ -333,26 +333,6 @@ def _trained_bpe(directory: epath.Path, vocab_size: int,
   return train_bpe((d.text for d in train_documents), vocab_size, os.fspath(path))
 
 
-def _reuse_note(directory: epath.Path, source: str, meta: dict[str, Any]) -> str:
-  """The line a run prints when it reuses a prepared set of files the user may have edited since: the
-  set is keyed by the source spec, not the files' contents."""
-  files = corpus.source_files(source).files
-  held = meta.get("n_files")
-  count = f"{held} files" if held is not None else f"{sum(s['n_docs'] for s in meta['splits'].values())} documents"
-  changed = []
-  if held is not None and held != len(files):
-    changed.append(f"{source!r} now matches {len(files)} files")
-  if shards.is_local(directory):
-    since = os.path.getmtime(directory / "meta.json")
-    newer = sum(os.path.getmtime(f) > since for f in files if os.path.exists(f))
-    if newer:
-      changed.append(f"{newer} of them changed since it was prepared")
-  if changed:
-    return (f"warning: reusing the prepared set {directory} ({count}), but {' and '.join(changed)}; it is keyed by "
-            f"the source spec, not the files: delete {directory} to prepare the files as they are now")
-  return f"note: reusing the prepared set {directory} ({count} of {source!r}; delete it to prepare again)"
-
-
 def _split_budget(max_bytes: int, rule: corpus.SplitRule, split: str) -> int:
   if not max_bytes:
     return 0
@@ -363,24 +343,6 @@ def _split_budget(max_bytes: int, rule: corpus.SplitRule, split: str) -> int:
 
 def _file_digest(path: str) -> str:
   return hashlib.sha256(epath.Path(path).read_bytes()).hexdigest()
-
-
-def _complete_meta(directory: epath.Path, key: dict[str, Any]) -> dict[str, Any] | None:
-  """The cached meta.json when it matches `key` (and, locally, every shard has its full size)."""
-  try:
-    meta = json.loads((directory / "meta.json").read_text())
-  except FileNotFoundError:
-    return None
-  if meta.get("key") != key:
-    return None
-  if shards.is_local(directory):
-    itemsize = np.dtype(meta["dtype"]).itemsize
-    for split, info in meta["splits"].items():
-      for index, n_tokens in enumerate(info["shards"]):
-        path = directory / shards.token_file(split, index, len(info["shards"]))
-        if not path.exists() or os.path.getsize(path) != n_tokens * itemsize:
-          return None
-  return meta
 
 
 @cli.command(then="rerun the same command (shards already written are kept)")
