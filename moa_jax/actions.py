@@ -93,12 +93,18 @@ class Saver:
   def __call__(self, step: int, state, tokens: int, final: bool) -> None:
     if not self.window.fit_to_save(step, final):
       return
-    meta = {"step": step, "config": json.loads(self.config.to_json_best_effort()), "tokens": tokens,
-            "health": self.window.health.state(), "resume_step": self.config.train.get("resume_step", 0),
-            "structure": checkpoint.structure(state), "checksums": checkpoint.checksums(state)}
     with self.timer.checkpoint():
-      self.ckpt.save(step, state, self.data_iter.get_state(), meta)
+      save_checkpoint(self.ckpt, step, state, self.data_iter, self.config, tokens=tokens,
+                      health=self.window.health.state(), resume_step=self.config.train.get("resume_step", 0))
     self.window.last_good = step
+
+
+def save_checkpoint(ckpt, step: int, state, data_iter, config, **extra) -> None:
+  """A checkpoint as training writes it: the state, the data iterator's position, and metadata (step, config,
+  extra: tokens consumed, the health history, the resume_step the run descends from; structure, checksums)."""
+  meta = {"step": step, "config": json.loads(config.to_json_best_effort()), **extra,
+          "structure": checkpoint.structure(state), "checksums": checkpoint.checksums(state)}
+  ckpt.save(step, state, data_iter.get_state(), meta)
 
 
 class Logger:

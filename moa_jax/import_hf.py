@@ -116,7 +116,7 @@ def import_model(model_dir: str, ffn: str, workdir: str, size: str = "0.12b",
   """Writes W/config.py, W/tokenizer.json and a step-0 checkpoint; returns {config, parameters}."""
   import jax
 
-  from moa_jax import checkpoint, train
+  from moa_jax import actions, checkpoint, train
 
   try:
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
@@ -149,7 +149,7 @@ def import_model(model_dir: str, ffn: str, workdir: str, size: str = "0.12b",
   params = jax.tree.map(jax.device_put, params, run.state_shardings.params)
   state = train.TrainState(state.step, params, state.opt_state)
   ckpt = checkpoint.Checkpoints(workdir, config.checkpoint.every, config.checkpoint.keep)
-  train._save(ckpt, 0, state, run.data.train_iter(), config, tokens=0)  # the trainer's own save, at step 0
+  actions.save_checkpoint(ckpt, 0, state, run.data.train_iter(), config, tokens=0)  # as training saves
   ckpt.wait()
   ckpt.close()
   return {"config": config_file, "parameters": int(sum(np.size(x) for x in tensors.values()))}
