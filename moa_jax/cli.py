@@ -155,6 +155,14 @@ def install_interrupts() -> dict:
   return {sig: signal.signal(sig, _startup) for sig in _SIGNAL_NAMES}
 
 
+def raise_if_interrupted() -> None:
+  """Raises the KeyboardInterrupt of an interrupt already received whose raise was lost: Python drops an
+  exception raised inside a gc callback or a __del__ ("Exception ignored in ..."), so a Ctrl-C landing there
+  would be forgotten. Call it where a run stops being interruptible by a plain raise (before the loop's guard)."""
+  if _state.get("signal") is not None:
+    raise KeyboardInterrupt
+
+
 def interrupted_name() -> str:
   return _SIGNAL_NAMES.get(_state["signal"], "Ctrl-C")
 
@@ -186,8 +194,9 @@ def funnel(main: Callable, *, workdir: Callable[[], str] = lambda: "", then: str
         _leave(1, line)
       raise SystemExit(line) from None
     finally:
-      for sig, handler in previous.items():  # a CLI process keeps _startup until it exits
-        if not _state["process"]:
+      if not _state["process"]:  # a CLI process keeps _startup until it exits; a caller gets its own back
+        _state["signal"] = None
+        for sig, handler in previous.items():
           signal.signal(sig, handler)
   return wrapped
 

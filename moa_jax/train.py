@@ -103,6 +103,7 @@ def _train(config, workdir: str, run: Run, main_process: bool) -> dict:
         f"{ckpt.set_aside(step, 'checkpoints_superseded')}")
   if main_process:  # only now that every resume check has passed
     (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+  cli.raise_if_interrupted()  # a Ctrl-C whose raise was lost (inside a gc callback) stops here, not never
   guard = runtime.PreemptionGuard()
   with sharding.mesh_context(run.mesh), nn.logical_axis_rules(sharding.LOGICAL_RULES):
     step_fns = {due: jit_train_step(run, with_stats=due) for due in (False, True)}  # statistics at log steps
