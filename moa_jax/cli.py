@@ -146,12 +146,20 @@ def _startup(signum, frame) -> None:
   raise KeyboardInterrupt
 
 
+def _unraisable(unraisable) -> None:
+  """A KeyboardInterrupt that Python had to drop (raised inside a gc callback) is not printed as a
+  traceback: raise_if_interrupted raises it again; anything else goes to the default hook."""
+  if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+    sys.__unraisablehook__(unraisable)
+
+
 def install_interrupts() -> dict:
   """The first interrupt raises KeyboardInterrupt (every `finally` runs), a second one exits at once.
   Returns the handlers it replaced."""
   if threading.current_thread() is not threading.main_thread():
     return {}
   _state["signal"] = None
+  sys.unraisablehook = _unraisable
   return {sig: signal.signal(sig, _startup) for sig in _SIGNAL_NAMES}
 
 
@@ -196,6 +204,7 @@ def funnel(main: Callable, *, workdir: Callable[[], str] = lambda: "", then: str
     finally:
       if not _state["process"]:  # a CLI process keeps _startup until it exits; a caller gets its own back
         _state["signal"] = None
+        sys.unraisablehook = sys.__unraisablehook__
         for sig, handler in previous.items():
           signal.signal(sig, handler)
   return wrapped
