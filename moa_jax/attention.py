@@ -68,22 +68,12 @@ def _splash_local(q: Array, k: Array, v: Array) -> Array:
   return o.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
-def _auto_mesh():
-  """The current multi-device mesh of automatic axes (the trainer's), else None (one device, shard_map)."""
-  mesh = jax.sharding.get_abstract_mesh() if hasattr(jax.sharding, "get_abstract_mesh") else None
-  if mesh is None or getattr(mesh, "empty", True) or mesh.size == 1:
-    return None
-  auto = getattr(jax.sharding.AxisType, "Auto", None)
-  if auto is not None and any(a != auto for a in getattr(mesh, "axis_types", ())):
-    return None
-  return mesh
-
 
 def splash_attention(q: Array, k: Array, v: Array) -> Array:
   """Causal splash attention; q (B, T, N, H), k, v (B, T, K, H) -> (B, T, N, H). Under the trainer's mesh
   it runs per device in shard_map (batch over the data axes, heads over tensor): a Pallas call is not
   partitioned by XLA."""
-  mesh = _auto_mesh()
+  mesh = platforms.auto_mesh()
   if mesh is None:
     return _splash_local(q, k, v)
   q_spec = nn.logical_to_mesh_axes(("batch", "length", "q_heads", "head_dim"))

@@ -33,3 +33,16 @@ def target(platform: str):
     yield
   finally:
     _TARGET.reset(token)
+
+
+def auto_mesh():
+  """The mesh being traced under if it spans several devices and all its axes are automatic (the
+  trainer's, not inside shard_map), else None: where a Pallas call must be wrapped in shard_map."""
+  get = getattr(jax.sharding, "get_abstract_mesh", None)
+  mesh = get() if get else None
+  if mesh is None or getattr(mesh, "empty", True) or mesh.size == 1:
+    return None
+  auto = getattr(jax.sharding.AxisType, "Auto", None)
+  if auto is not None and any(t != auto for t in getattr(mesh, "axis_types", ())):
+    return None
+  return mesh

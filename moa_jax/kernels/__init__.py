@@ -17,7 +17,7 @@ from typing import Sequence
 
 import jax
 
-from moa_jax import activations
+from moa_jax import activations, platforms
 
 Array = jax.Array
 IMPLS = ("xla", "pallas", "fused")
@@ -38,7 +38,7 @@ def mix_product(h: Array, coef: Array, names: Sequence[str], u: Array | None = N
   if impl not in IMPLS:
     raise ValueError(f"model.ffn.impl = {impl!r}; known: {', '.join(IMPLS)}")
   from moa_jax.kernels import entry  # imported lazily: the Pallas import is slow
-  mesh = _auto_mesh()
+  mesh = platforms.auto_mesh()
   if mesh is None:
     return entry.mix_product(h, coef, names, u, coef_u, names_u)
   if h.ndim not in _LOGICAL_AXES:
@@ -50,23 +50,12 @@ def mix_product(h: Array, coef: Array, names: Sequence[str], u: Array | None = N
   return entry.mix_product_sharded(h, coef, names, u, coef_u, names_u, mesh=mesh, spec=spec)
 
 
-def _auto_mesh():
-  """The current multi-device mesh if its axes are all automatic (not inside shard_map), else None."""
-  get = getattr(jax.sharding, "get_abstract_mesh", None)
-  mesh = get() if get else None
-  if mesh is None or getattr(mesh, "empty", True) or mesh.size == 1:
-    return None
-  auto = getattr(jax.sharding.AxisType, "Auto", None)
-  if auto is not None and any(t != auto for t in getattr(mesh, "axis_types", ())):
-    return None
-  return mesh
-
 
 def fused_mix_product(x: Array, w1: Array, coef: Array, names: Sequence[str], w2: Array | None = None,
                       coef_u: Array | None = None, names_u: Sequence[str] | None = None) -> Array:
   """m(x·W1) [⊙ x·W2 | ⊙ m_u(x·W2)] with the matmuls and mixing fused (`kernels.fused`).
   One device only: under a multi-device mesh, model.ffn.impl='pallas' runs per device."""
-  if _auto_mesh() is not None:
+  if platforms.auto_mesh() is not None:
     raise ValueError("model.ffn.impl = 'fused' runs on one device; on a multi-device mesh use "
                      "model.ffn.impl='pallas'")
   from moa_jax.kernels import fused  # imported lazily: the Pallas import is slow
